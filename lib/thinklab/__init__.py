@@ -1,0 +1,1 @@
+"""thinklab: measure how language models behave at test time."""
