@@ -1,0 +1,501 @@
+"""Grading: extract the answer from a generation and decide whether it matches the gold.
+
+`grade(text, gold, task)` is a pure function of its three strings. It knows nothing about
+models, prompts or files; the only thing it needs from a task is its name (which says
+whether the item comes from reasoning-gym and so carries its own scorer).
+
+Extraction (first that fires wins; `Grade.extractor` records which):
+    boxed        the last complete `\\boxed{...}` (or `\\fbox`, `\\framebox`), nested braces
+    ####         the last `#### N` (GSM8K worked-solution style)
+    answer_is    the last "the (final) answer is ..." / "Final answer: ..."
+    choice       a multiple-choice letter, when the gold is a letter ("C", "(C)", "\\text{(C)}")
+    last_number  the last number in the text
+reasoning-gym items also try `<answer>...</answer>` after `boxed`, and fall back to the
+last non-empty line where the gold is not a number (`last_line`).
+
+Equivalence, cheapest first: normalized string equality; exact decimal equality when
+both sides are plain numbers; otherwise math-verify (`verify(parse(gold), parse(pred))`)
+in a persistent worker *process* with a wall-clock deadline of `VERIFY_TIMEOUT_S`. A
+worker that misses its deadline is killed and restarted on the next call, so a runaway
+sympy computation can never hang the caller; it works from any thread (no signals).
+reasoning-gym items are scored by the generator's own `score_answer` in the same worker,
+under the same deadline; only a score of 1.0 counts as correct.
+
+Before anything symbolic, cheap pre-checks reject predictions that are too long
+(`MAX_VERIFY_CHARS`), too deeply nested (`MAX_BRACE_DEPTH`) or carry a huge exponent or
+factorial: they grade incorrect without reaching sympy (unless they equal the gold as
+strings). Bound per `grade()` call: `VERIFY_TIMEOUT_S` plus, only when the worker is not
+already running, its start (math-verify import, about 2 s; capped at `STARTUP_TIMEOUT_S`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
+
+GRADER_VERSION = "1"
+
+VERIFY_TIMEOUT_S = 5.0  # wall-clock deadline of one math-verify or reasoning-gym scorer call
+STARTUP_TIMEOUT_S = 60.0  # deadline for the worker to import math-verify (and reasoning-gym)
+MAX_VERIFY_CHARS = 600  # longer predictions are compared as strings only (longest MATH-500 answer: 53)
+MAX_BRACE_DEPTH = 24  # deeper {...} nesting is compared as strings only
+WORKER_MEMORY_BYTES = 4 << 30  # address-space cap of the verifier process
+RETRY_START_AFTER_S = 30.0  # after a failed start, grade without the verifier for this long
+
+
+@dataclass(frozen=True)
+class Grade:
+    pred: str  # the extracted answer ("" when nothing was found)
+    correct: bool
+    extractor: str  # boxed, ####, answer_is, answer_tag, choice, last_number, last_line or none
+    detail: str = ""  # how equivalence was decided: string, numeric, math-verify, rg-score=..., timeout, ...
+
+
+# --------------------------------------------------------------------------- extraction
+
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox|framebox)\s*\{")
+_BOX_BARE = re.compile(r"\\boxed\s+([^\s${}]+)")  # `\boxed 5`
+_BRACE = re.compile(r"(?<!\\)[{}]")  # `\{` and `\}` are literal braces in LaTeX, not groups
+_HASHES = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_IS = re.compile(
+    r"(?i)(?:final\s+answer|\banswer)\**\s*(?:is|:|=)\s*[:\s]*\**[ \t]*(\S[^\n]*)"
+)
+_ANSWER_TAG = re.compile(r"(?is)<answer>(.*?)</answer>")
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
+_CHOICE_GOLD = re.compile(r"^\s*(?:\\text\{\s*)?\(?\s*([A-J])\s*\)?\s*\}?\s*$")
+_CHOICE_IN_ANSWER = re.compile(r"^\W*(?:\\text\{\s*)?(?:\\textbf\{\s*)?\(?([A-J])(?:\)|\}|\.|:|\s|$)")
+_CHOICE_IN_TEXT = re.compile(r"\(([A-J])\)|\b([A-J])\)")
+_MATH_SPAN = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_LEADING_NUMBER = re.compile(r"^(-?[\d,]*\.?\d+(?:/\d+)?)\s*([A-Za-z][A-Za-z \-]*)?$")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the complete \\boxed{...} that closes last; one pass over the braces, O(n)."""
+    opens = {m.end() - 1 for m in _BOX_OPEN.finditer(text)}
+    if not opens:
+        bare = list(_BOX_BARE.finditer(text))
+        return bare[-1].group(1) if bare else None
+    stack: list[int] = []
+    best: tuple[int, int] | None = None
+    for m in _BRACE.finditer(text):
+        pos = m.start()
+        if text[pos] == "{":
+            stack.append(pos)
+        elif stack:
+            start = stack.pop()
+            if start in opens:
+                best = (start + 1, pos)
+    if best is None:
+        return None
+    return text[best[0] : best[1]].strip()
+
+
+def _clean_phrase(s: str) -> str:
+    """Trim an "answer is ..." capture down to the answer itself."""
+    s = s.strip()
+    spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN.finditer(s)]
+    if spans:
+        return spans[0].strip().rstrip(".").strip()
+    s = s.strip("*").strip()
+    s = re.sub(r"[.。;!]+\s.*$", "", s)  # first sentence only
+    s = s.rstrip(".;!。 ").strip("*").strip()
+    m = _LEADING_NUMBER.match(s)
+    if m and m.group(2):  # "70 minutes" -> "70"
+        return m.group(1)
+    return s
+
+
+def _choice_letter(s: str) -> str | None:
+    m = _CHOICE_IN_ANSWER.match(s.strip())
+    return m.group(1) if m else None
+
+
+def choice_gold(gold: str) -> str | None:
+    """The letter when the gold is a multiple-choice letter ("C", "(C)", "\\text{(C)}"), else None."""
+    m = _CHOICE_GOLD.match(gold or "")
+    return m.group(1) if m else None
+
+
+def extract_answer(text: str, choices: bool = False, rg: bool = False, numeric_gold: bool = True) -> tuple[str, str]:
+    """(pred, extractor) from a generation; ("", "none") when nothing fires."""
+    boxed = _last_boxed(text)
+    if boxed is not None and boxed != "":
+        if choices and (letter := _choice_letter(boxed)):
+            return letter, "boxed"
+        return boxed, "boxed"
+    if rg:
+        tags = _ANSWER_TAG.findall(text)
+        if tags and tags[-1].strip():
+            return tags[-1].strip(), "answer_tag"
+    hashes = _HASHES.findall(text)
+    if hashes and hashes[-1].strip():
+        return _clean_phrase(hashes[-1]), "####"
+    said = _ANSWER_IS.findall(text)
+    if said:
+        phrase = _clean_phrase(said[-1])
+        if phrase:
+            if choices and (letter := _choice_letter(phrase)):
+                return letter, "answer_is"
+            return phrase, "answer_is"
+    if choices:
+        found = _CHOICE_IN_TEXT.findall(text)
+        if found:
+            return next(g for g in found[-1] if g), "choice"
+    if numeric_gold:
+        numbers = _NUMBER.findall(text)
+        if numbers:
+            return numbers[-1].rstrip(","), "last_number"
+    if rg:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        if lines:
+            return lines[-1], "last_line"
+    return "", "none"
+
+
+# --------------------------------------------------------------------------- equivalence
+
+_STRIP_TOKENS = re.compile(
+    r"\\left|\\right|\\displaystyle|\\!|\\,|\\;|\\:|\\ |\^\{?\\circ\}?|\\%|%|\\\$|\$|\\\(|\\\)|\\\[|\\\]|\s+"
+)
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_PLAIN_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_HUGE = re.compile(r"(?:\^|\*\*)\s*\{?\s*\(?\s*[-+]?\d{5,}|\d{4,}\s*!|\\(?:times|cdot)\s*10\s*\^\s*\{?\s*[-+]?\d{4,}")
+
+
+def _normalize(s: str) -> str:
+    s = s.strip()
+    s = _TEXT_WRAP.sub(r"\1", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _STRIP_TOKENS.sub("", s)
+    return s.rstrip(".")
+
+
+def _as_number(s: str) -> Decimal | None:
+    if len(s) > 100:
+        return None
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    if not _PLAIN_NUMBER.match(s):
+        return None
+    try:
+        return Decimal(s)
+    except InvalidOperation:
+        return None
+
+
+def _brace_depth(s: str) -> int:
+    depth = best = 0
+    for ch in s:
+        if ch == "{" or ch == "(" or ch == "[":
+            depth += 1
+            best = max(best, depth)
+        elif ch == "}" or ch == ")" or ch == "]":
+            depth = max(0, depth - 1)
+    return best
+
+
+def _too_complex(pred: str) -> str | None:
+    if len(pred) > MAX_VERIFY_CHARS:
+        return "too-long"
+    if _brace_depth(pred) > MAX_BRACE_DEPTH:
+        return "too-deep"
+    if _HUGE.search(pred):
+        return "huge-number"
+    return None
+
+
+def _equivalent(pred: str, gold: str) -> tuple[bool, str]:
+    if not pred.strip():
+        return False, "empty"
+    p, g = _normalize(pred), _normalize(gold)
+    if p == g and p:
+        return True, "string"
+    pn, gn = _as_number(p), _as_number(g)
+    if pn is not None and gn is not None:
+        return pn == gn, "numeric"
+    reason = _too_complex(pred)
+    if reason:
+        return False, reason
+    result = _VERIFIER.call({"op": "verify", "gold": gold, "pred": pred})
+    if isinstance(result, str):
+        return False, result  # "timeout", "no-verifier", "error: ..."
+    return bool(result), "math-verify"
+
+
+# --------------------------------------------------------------------------- reasoning-gym
+
+
+def _rg_pred_cleanup(pred: str, gold_answer: str) -> str:
+    """Undo LaTeX dressing; write numbers the way reasoning-gym's golds are written."""
+    s = _TEXT_WRAP.sub(r"\1", pred).strip()
+    if s.startswith("$") and s.endswith("$"):
+        s = s.strip("$").strip()
+    num = _as_number(_normalize(s).replace("\\", ""))
+    if num is not None and _as_number(gold_answer) is not None and num == num.to_integral_value():
+        return str(int(num)) if len(s) < 100 else s
+    return s
+
+
+def _grade_rg(text: str, gold: str) -> Grade:
+    try:
+        entry = json.loads(gold)["entry"]
+        gold_answer = str(entry["answer"])
+    except (ValueError, KeyError, TypeError):
+        return Grade("", False, "none", "bad-gold")
+    pred, extractor = extract_answer(text, rg=True, numeric_gold=_as_number(gold_answer.strip()) is not None)
+    if not pred:
+        return Grade("", False, extractor, "empty")
+    pred = _rg_pred_cleanup(pred, gold_answer)
+    if len(pred) > 4 * len(gold_answer) + MAX_VERIFY_CHARS or _HUGE.search(pred):
+        return Grade(pred, False, extractor, "too-long" if len(pred) > MAX_VERIFY_CHARS else "huge-number")
+    score = _VERIFIER.call({"op": "rg", "gold": gold, "pred": pred})
+    if isinstance(score, str):
+        return Grade(pred, False, extractor, score)
+    return Grade(pred, float(score) == 1.0, extractor, f"rg-score={float(score):g}")
+
+
+# --------------------------------------------------------------------------- grade
+
+
+def grade(text: str, gold: str, task: str) -> Grade:
+    """Extract the answer from `text` and compare it with `gold` (a pure function)."""
+    text = text or ""
+    gold = "" if gold is None else str(gold)
+    if (task or "").startswith("rg:"):
+        return _grade_rg(text, gold)
+    letter = choice_gold(gold)
+    pred, extractor = extract_answer(text, choices=letter is not None)
+    if letter is not None:
+        picked = _choice_letter(pred) if pred else None
+        return Grade(pred, picked == letter, extractor, "choice")
+    correct, detail = _equivalent(pred, gold)
+    return Grade(pred, correct, extractor, detail)
+
+
+def regrade_table(df: Any) -> Any:
+    """Recompute `pred` and `correct` of a sample table from its `text`, `gold` and `task`.
+
+    Returns a new polars DataFrame with those columns replaced and `grader_version` set to
+    `GRADER_VERSION`; every other column is left as it was.
+    """
+    import polars as pl
+
+    missing = [c for c in ("text", "gold", "task") if c not in df.columns]
+    if missing:
+        raise ValueError(f"regrade_table needs columns text, gold and task; missing {', '.join(missing)}")
+    cache: dict[tuple[str, str, str], Grade] = {}
+    preds: list[str] = []
+    correct: list[bool] = []
+    for text, gold, task in df.select("text", "gold", "task").iter_rows():
+        key = (text or "", gold or "", task or "")
+        if key not in cache:
+            cache[key] = grade(*key)
+        preds.append(cache[key].pred)
+        correct.append(cache[key].correct)
+    return df.with_columns(
+        pl.Series("pred", preds, dtype=pl.String),
+        pl.Series("correct", correct, dtype=pl.Boolean),
+        pl.lit(GRADER_VERSION, dtype=pl.String).alias("grader_version"),
+    )
+
+
+# --------------------------------------------------------------------------- verifier process
+
+
+class _Verifier:
+    """One persistent child process running math-verify and reasoning-gym scorers.
+
+    Requests and replies are JSON lines over pipes; the parent waits with `select`, so a
+    deadline holds from any thread. A child that misses it is killed (and restarted by
+    the next call). Calls are serialized by a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._buffer = b""
+        self._rg_loaded = False
+        self._failed_at: float | None = None
+
+    def _start(self) -> bool:
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_START_AFTER_S:
+            return False
+        env = dict(os.environ)
+        env["THINKLAB_VERIFIER_SYS_PATH"] = json.dumps([p for p in sys.path if p])
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
+        code = (
+            "import json, os, runpy, sys; "
+            "sys.path[:] = json.loads(os.environ['THINKLAB_VERIFIER_SYS_PATH']); "
+            f"runpy.run_path({os.path.abspath(__file__)!r}, run_name='__thinklab_verifier__')"
+        )
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+            )
+        except OSError:
+            self._proc = None
+            self._failed_at = time.monotonic()
+            return False
+        self._buffer = b""
+        self._rg_loaded = False
+        ready = self._read(STARTUP_TIMEOUT_S)
+        if not isinstance(ready, dict) or not ready.get("ready"):
+            self._kill()
+            self._failed_at = time.monotonic()
+            return False
+        self._failed_at = None
+        return True
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.kill()
+                proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def _read(self, timeout: float) -> Any:
+        """The next JSON line from the child, "timeout", or "dead"."""
+        deadline = time.monotonic() + timeout
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            readable, _, _ = select.select([fd], [], [], left)
+            if not readable:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return "dead"
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            return "dead"
+
+    def _send(self, request: dict, timeout: float) -> Any:
+        try:
+            self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self._proc.stdin.flush()
+        except (OSError, ValueError):
+            return "dead"
+        return self._read(timeout)
+
+    def call(self, request: dict) -> Any:
+        """The worker's answer (bool or float), or a reason string: timeout, no-verifier, error: ..."""
+        with self._lock:
+            for _attempt in range(2):  # a worker found dead before the call gets one restart
+                if self._proc is None or self._proc.poll() is not None:
+                    self._kill()
+                    if not self._start():
+                        return "no-verifier"
+                if request["op"] == "rg" and not self._rg_loaded:
+                    loaded = self._send({"op": "load_rg"}, STARTUP_TIMEOUT_S)
+                    if not isinstance(loaded, dict) or "r" not in loaded:
+                        self._kill()
+                        return "no-verifier" if isinstance(loaded, str) else f"error: {loaded.get('e')}"
+                    self._rg_loaded = True
+                reply = self._send(request, VERIFY_TIMEOUT_S)
+                if reply == "dead":
+                    self._kill()
+                    continue
+                if reply == "timeout":
+                    self._kill()
+                    return "timeout"
+                if "e" in reply:
+                    return f"error: {reply['e']}"
+                return reply["r"]
+            return "error: verifier died"
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+
+
+_VERIFIER = _Verifier()
+
+
+def _worker_main() -> None:  # runs in the child process only
+    import atexit  # noqa: F401  (keeps the child's interpreter shutdown quiet)
+    import logging
+
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
+    except (ImportError, ValueError, OSError):
+        pass
+    # Replies go to a private copy of stdout; anything a library prints goes to stderr.
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(reply_fd, "wb", buffering=0)
+    logging.disable(logging.CRITICAL)
+
+    from math_verify import parse, verify
+
+    @lru_cache(maxsize=4096)
+    def parsed(expr: str) -> Any:
+        return parse("\\boxed{" + expr + "}", parsing_timeout=None)
+
+    datasets: dict[str, Any] = {}
+
+    def rg_score(gold: str, pred: str) -> float:
+        import reasoning_gym
+
+        spec = json.loads(gold)
+        key = json.dumps([spec["dataset"], spec.get("config", {})], sort_keys=True)
+        if key not in datasets:
+            datasets[key] = reasoning_gym.create_dataset(spec["dataset"], **spec.get("config", {}))
+        return float(datasets[key].score_answer(pred, spec["entry"]))
+
+    def reply(obj: dict) -> None:
+        out.write(json.dumps(obj).encode() + b"\n")
+
+    reply({"ready": 1})
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+            if op == "verify":
+                gold, pred = parsed(request["gold"]), parsed(request["pred"])
+                result: Any = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+            elif op == "rg":
+                result = rg_score(request["gold"], request["pred"])
+            elif op == "load_rg":
+                import reasoning_gym  # noqa: F401
+
+                result = True
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            reply({"r": result})
+        except Exception as exc:  # noqa: BLE001 - any failure is an answer for the parent
+            reply({"e": f"{type(exc).__name__}: {str(exc)[:200]}"})
+
+
+if __name__ == "__thinklab_verifier__":
+    _worker_main()
