@@ -327,6 +327,14 @@ class _Verifier:
         self._buffer = b""
         self._rg_loaded = False
         self._failed_at: float | None = None
+        self._owner_pid = os.getpid()
+
+    def _forget_if_forked(self) -> None:
+        """A forked child must not share its parent's worker pipes: it starts its own."""
+        if os.getpid() != self._owner_pid:
+            self._lock = threading.Lock()
+            self._proc, self._buffer, self._rg_loaded, self._failed_at = None, b"", False, None
+            self._owner_pid = os.getpid()
 
     def _start(self) -> bool:
         if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_START_AFTER_S:
@@ -408,6 +416,7 @@ class _Verifier:
 
     def call(self, request: dict) -> Any:
         """The worker's answer (bool or float), or a reason string: timeout, no-verifier, error: ..."""
+        self._forget_if_forked()
         with self._lock:
             for _attempt in range(2):  # a worker found dead before the call gets one restart
                 if self._proc is None or self._proc.poll() is not None:
