@@ -542,7 +542,8 @@ def _rg_dataset(parsed: TaskName) -> tuple[Any, dict]:
     try:
         dataset = reasoning_gym.create_dataset(name, **config, seed=0, size=RG_POOL_SIZE)
     except (AssertionError, TypeError, ValueError) as exc:
-        raise TaskError(f"task {parsed.canonical!r}: invalid reasoning-gym config {config}: {exc}") from None
+        why = str(exc) or "the generator's own config check failed"
+        raise TaskError(f"task {parsed.canonical!r}: invalid reasoning-gym config {config}: {why}") from None
     return dataset, json.loads(json.dumps(config, default=_jsonable))
 
 
