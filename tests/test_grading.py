@@ -128,6 +128,10 @@ ADVERSARIAL = {
     "100 kB of digits boxed": "\\boxed{" + "9" * 100_000 + "}",
     "unbalanced LaTeX": "\\boxed{\\frac{1}{2} \\left( \\sqrt{ \\begin{matrix} 1 & 2",
     "unbalanced math": "$\\frac{1}{\\left(2$ answer is $\\sqrt{",
+    "100 kB of blanks after 'answer is'": "The answer is" + " " * 100_000 + "x",
+    "many open math spans": "The answer is " + "\\(" * 30_000,
+    "many unclosed answer tags": "<answer>" * 20_000 + "5",
+    "100 kB of nested parentheses": "answer: " + "(" * 50_000 + "4" + ")" * 50_000,
 }
 # A call may pay for one verifier restart (about 1-2 s here) on top of the deadline.
 BOUND_S = grading.VERIFY_TIMEOUT_S + 10.0
@@ -242,9 +246,12 @@ def test_regrade_table_recomputes_pred_correct_and_version():
 def measure_math500() -> dict:
     """Reference solutions vs their own answer, and vs a different problem's answer."""
     records = _records("math500.jsonl")
-    own_misses, other_hits, paths = [], [], {}
+    own_misses, other_hits, paths, symbolic_misses = [], [], {}, []
     for i, r in enumerate(records):
         g = grade(r["solution"], r["answer"], "math500")
+        # the same pair through math-verify alone (no string shortcut), to check the symbolic path too
+        if grading._VERIFIER.call({"op": "verify", "gold": r["answer"], "pred": g.pred}) is not True:
+            symbolic_misses.append((r["unique_id"], r["answer"], g.pred))
         paths[g.detail] = paths.get(g.detail, 0) + 1
         if not g.correct:
             own_misses.append((r["unique_id"], r["answer"], g))
@@ -256,7 +263,8 @@ def measure_math500() -> dict:
             other_hits.append((r["unique_id"], r["answer"], records[j]["answer"], g))
     n = len(records)
     return {"n": n, "own": 1 - len(own_misses) / n, "other": 1 - len(other_hits) / n, "own_misses": own_misses,
-            "other_hits": other_hits, "paths": paths}
+            "other_hits": other_hits, "paths": paths, "symbolic": 1 - len(symbolic_misses) / n,
+            "symbolic_misses": symbolic_misses}
 
 
 def measure_gsm8k() -> dict:
@@ -299,10 +307,12 @@ def measure_competition() -> dict:
 
 def test_math500_reference_solutions_grade_correct_and_other_answers_incorrect():
     m = measure_math500()
-    print(f"\nMATH-500: own answer {m['own']:.1%}, other problem's answer rejected {m['other']:.1%} of {m['n']}")
+    print(f"\nMATH-500: own answer {m['own']:.1%} (math-verify alone {m['symbolic']:.1%}), "
+          f"other problem's answer rejected {m['other']:.1%} of {m['n']}")
     assert m["n"] == 500
     assert m["own"] >= 0.99, m["own_misses"]
     assert m["other"] >= 0.99, m["other_hits"]
+    assert m["symbolic"] >= 0.99, m["symbolic_misses"]
 
 
 def test_gsm8k_worked_solutions_grade_correct_and_other_answers_incorrect():
@@ -331,7 +341,8 @@ if __name__ == "__main__":
         for hit in m["other_hits"]:
             print("  other accepted:", hit)
         if "paths" in m:
-            print("  decided by:", m["paths"])
+            print("  own answer decided by:", m["paths"])
+            print(f"  own answer through math-verify alone: {m['symbolic']:.2%}", m["symbolic_misses"])
     m = measure_competition()
     print(f"AIME24+AIME25+AMC23 surface forms (and gold+1 rejected): {m['rate']:.2%} of {m['n']} checks")
     for miss in m["misses"]:

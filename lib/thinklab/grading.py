@@ -67,10 +67,9 @@ _BOX_OPEN = re.compile(r"\\(?:boxed|fbox|framebox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed\s+([^\s${}]+)")  # `\boxed 5`
 _BRACE = re.compile(r"(?<!\\)[{}]")  # `\{` and `\}` are literal braces in LaTeX, not groups
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
-_ANSWER_IS = re.compile(
-    r"(?i)(?:final\s+answer|\banswer)\**\s*(?:is|:|=)\s*[:\s]*\**[ \t]*(\S[^\n]*)"
-)
-_ANSWER_TAG = re.compile(r"(?is)<answer>(.*?)</answer>")
+# One character class after "is" keeps backtracking linear on long runs of blanks.
+_ANSWER_IS = re.compile(r"(?i)(?:final\s+answer|\banswer)\**[ \t]*(?:is|:|=)[\s:*]*(\S[^\n]*)")
+MAX_PHRASE_CHARS = 1000  # an "answer is ..." capture is cut to this before any further regex
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _CHOICE_GOLD = re.compile(r"^\s*(?:\\text\{\s*)?\(?\s*([A-J])\s*\)?\s*\}?\s*$")
 _CHOICE_IN_ANSWER = re.compile(r"^\W*(?:\\text\{\s*)?(?:\\textbf\{\s*)?\(?([A-J])(?:\)|\}|\.|:|\s|$)")
@@ -100,9 +99,18 @@ def _last_boxed(text: str) -> str | None:
     return text[best[0] : best[1]].strip()
 
 
+def _last_answer_tag(text: str) -> str | None:
+    """Content of the last <answer>...</answer> (found with rfind: linear however many tags)."""
+    end = text.lower().rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.lower().rfind("<answer>", 0, end)
+    return text[start + len("<answer>") : end].strip() if start >= 0 else None
+
+
 def _clean_phrase(s: str) -> str:
     """Trim an "answer is ..." capture down to the answer itself."""
-    s = s.strip()
+    s = s[:MAX_PHRASE_CHARS].strip()
     spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN.finditer(s)]
     if spans:
         return spans[0].strip().rstrip(".").strip()
@@ -134,9 +142,9 @@ def extract_answer(text: str, choices: bool = False, rg: bool = False, numeric_g
             return letter, "boxed"
         return boxed, "boxed"
     if rg:
-        tags = _ANSWER_TAG.findall(text)
-        if tags and tags[-1].strip():
-            return tags[-1].strip(), "answer_tag"
+        tagged = _last_answer_tag(text)
+        if tagged:
+            return tagged, "answer_tag"
     hashes = _HASHES.findall(text)
     if hashes and hashes[-1].strip():
         return _clean_phrase(hashes[-1]), "####"
