@@ -30,6 +30,7 @@ already running, its start (math-verify import, about 2 s; capped at `STARTUP_TI
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -450,15 +451,22 @@ class _Verifier:
             return "error: verifier died"
 
     def close(self) -> None:
-        with self._lock:
+        """Stop the worker (also run at interpreter exit); the next call starts a new one."""
+        if os.getpid() != self._owner_pid:
+            return
+        locked = self._lock.acquire(timeout=1.0)
+        try:
             self._kill()
+        finally:
+            if locked:
+                self._lock.release()
 
 
 _VERIFIER = _Verifier()
+atexit.register(_VERIFIER.close)
 
 
 def _worker_main() -> None:  # runs in the child process only
-    import atexit  # noqa: F401  (keeps the child's interpreter shutdown quiet)
     import logging
 
     try:

@@ -269,28 +269,30 @@ def _rg_indices(seed: int) -> Iterable[int]:
 # --------------------------------------------------------------------------- benchmark files
 
 
-def _pool(parsed: TaskName) -> list[tuple[Problem, str]]:
+def _pool(parsed: TaskName) -> tuple[tuple[Problem, str], ...]:
     """Every (problem, worked solution) of a file-backed task, filters applied, in file order."""
     if parsed.family == "jsonl":
         path = _resolve_user_path(parsed.target)
-        records = _read_jsonl(str(path), path.stat().st_mtime_ns)
-        return _from_jsonl(parsed, path, records)
-    bench = BENCHMARKS[parsed.family]
-    explicit = parsed.option("path")
-    if explicit:
+    elif explicit := parsed.option("path"):
         path = _resolve_user_path(explicit)
-        records = _read_jsonl(str(path), path.stat().st_mtime_ns)
-        source = str(path)
     else:
-        path = _find_benchmark_file(bench.file)
-        if path is not None:
-            records = _read_jsonl(str(path), path.stat().st_mtime_ns)
-            source = str(path)
-        else:
-            records = _from_hub(parsed.family, bench)
-            source = f"hub:{bench.hub[0]}"
+        path = _find_benchmark_file(BENCHMARKS[parsed.family].file)
+        if path is None:
+            bench = BENCHMARKS[parsed.family]
+            return _build_pool(parsed, _from_hub(parsed.family, bench), f"hub:{bench.hub[0]}")
+    return _pool_from_file(parsed, str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _pool_from_file(parsed: TaskName, path: str, mtime_ns: int) -> tuple[tuple[Problem, str], ...]:
+    return _build_pool(parsed, _read_jsonl(path, mtime_ns), path)
+
+
+def _build_pool(parsed: TaskName, records: tuple[dict, ...], source: str) -> tuple[tuple[Problem, str], ...]:
+    if parsed.family == "jsonl":
+        return tuple(_from_jsonl(parsed, Path(source), records))
     problems = [_benchmark_problem(parsed, i, r, source) for i, r in enumerate(records)]
-    return [p for p in problems if _keep(parsed, p[0])]
+    return tuple(p for p in problems if _keep(parsed, p[0]))
 
 
 def benchmark_dirs() -> list[Path]:
