@@ -207,6 +207,10 @@ def test_reasoning_gym_number_formats_and_extractors():
     assert not grade(f"\\boxed{{{int(answer) + 1}}}", problem.gold, problem.task).correct
 
 
+def test_reasoning_gym_row_with_a_bare_gold_is_graded_as_math():
+    assert grade("\\boxed{-1}", "-1", "rg:basic_arithmetic") == Grade("-1", True, "boxed", "string")
+
+
 def test_reasoning_gym_adversarial_answer_is_bounded():
     problem = load_task("rg:countdown", n=1, seed=0)[0]
     start = time.monotonic()

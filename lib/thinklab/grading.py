@@ -256,12 +256,13 @@ def _rg_pred_cleanup(pred: str, gold_answer: str) -> str:
     return s
 
 
-def _grade_rg(text: str, gold: str) -> Grade:
+def _grade_rg(text: str, gold: str) -> Grade | None:
+    """Grade with the generator's scorer; None when `gold` is not the JSON tasks.py writes."""
     try:
         entry = json.loads(gold)["entry"]
         gold_answer = str(entry["answer"])
     except (ValueError, KeyError, TypeError):
-        return Grade("", False, "none", "bad-gold")
+        return None
     pred, extractor = extract_answer(text, rg=True, numeric_gold=_as_number(gold_answer.strip()) is not None)
     if not pred:
         return Grade("", False, extractor, "empty")
@@ -281,8 +282,11 @@ def grade(text: str, gold: str, task: str) -> Grade:
     """Extract the answer from `text` and compare it with `gold` (a pure function)."""
     text = text or ""
     gold = "" if gold is None else str(gold)
-    if (task or "").startswith("rg:"):
-        return _grade_rg(text, gold)
+    if (task or "").startswith("rg:") and gold.lstrip().startswith("{"):
+        graded = _grade_rg(text, gold)
+        if graded is not None:
+            return graded
+    # Everything else, including an rg: row whose gold is a bare answer, is graded as math.
     letter = choice_gold(gold)
     pred, extractor = extract_answer(text, choices=letter is not None)
     if letter is not None:
