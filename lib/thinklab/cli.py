@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
     from thinklab import runner
 
     spec = spec_from_args(args)
-    df = runner.run(spec, runs_root=args.runs_root, progress=not args.quiet)
+    df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet)
     if not args.quiet:
         acc = df["correct"].mean() if len(df) else float("nan")
         print(f"{len(df)} samples, accuracy {acc:.3f}, mean tokens {df['n_tokens'].mean():.1f}", file=sys.stderr)
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_flags(g)
     g.add_argument("--runs-root", default=None, help="where runs live (default: data/runs)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    g.add_argument("--chunk-problems", type=int, default=None,
+                   help="problems per stored part (the unit of resumption); default: one batch of samples")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the embedded models and whether they are materialized")
