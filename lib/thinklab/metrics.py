@@ -410,8 +410,11 @@ def _long(keys: pl.DataFrame, ks: np.ndarray, columns: dict[str, np.ndarray]) ->
 
 def problem_counts(df: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
     """One row per cell: the `by` columns, problem_id, n (samples) and n_correct."""
-    return df.group_by([*by, "problem_id"], maintain_order=True).agg(
-        n=pl.len(), n_correct=pl.col("correct").fill_null(False).sum()
+    return (
+        df.lazy()
+        .group_by([*by, "problem_id"], maintain_order=True)
+        .agg(n=pl.len(), n_correct=pl.col("correct").fill_null(False).sum())
+        .collect()
     )
 
 
@@ -567,20 +570,27 @@ def _cluster_bootstrap(
 ) -> np.ndarray:
     """Ratio-of-sums statistic for each group, recomputed over n_boot resamples of its clusters.
 
-    sums, counts: (clusters, V) per-cluster totals, groups contiguous; starts: first cluster
-    of each group. Returns (n_boot, groups, V).
+    sums: (clusters, V) per-cluster totals of V variables; counts: (clusters,) rows per
+    cluster; groups are contiguous runs of clusters starting at `starts`. All variables
+    share the resamples. Returns (n_boot, groups, V).
     """
-    sizes = np.diff(np.append(starts, len(sums)))
+    n_clusters = len(sums)
+    sizes = np.diff(np.append(starts, n_clusters))
     out = np.empty((n_boot, len(starts), sums.shape[1]))
-    chunk = max(1, 4_000_000 // max(len(sums), 1))  # bootstrap replicates per pass
+    if n_clusters == 0:
+        return out
     group_of = np.repeat(np.arange(len(starts)), sizes)
+    base, width = starts[group_of], sizes[group_of].astype(np.float64)
+    chunk = max(1, 4_000_000 // n_clusters)  # replicates per pass, bounding memory
     for lo in range(0, n_boot, chunk):
         b = min(chunk, n_boot - lo)
-        pick = starts[group_of] + (rng.random((b, len(sums))) * sizes[group_of]).astype(np.int64)  # (b, clusters)
-        num = np.add.reduceat(sums[pick], starts, axis=1)  # (b, groups, V)
-        den = np.add.reduceat(counts[pick], starts, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[lo : lo + b] = num / den
+        # each position of a group draws one of that group's clusters
+        pick = base + (rng.random((b, n_clusters)) * width).astype(np.int64)  # (b, clusters)
+        den = np.add.reduceat(counts[pick], starts, axis=1)  # (b, groups)
+        for v in range(sums.shape[1]):
+            num = np.add.reduceat(sums[:, v][pick], starts, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[lo : lo + b, :, v] = num / den
     return out
 
 
@@ -604,36 +614,44 @@ def bootstrap_ci(
     """
     values = [value] if isinstance(value, str) else list(value)
     rng = np.random.default_rng(seed)
+    frame = df.select(*by, cluster, *[pl.col(v).cast(pl.Float64) for v in values])
+    valid = [pl.col(v).is_not_null() & pl.col(v).is_not_nan() for v in values]
+    complete = frame.select(pl.all_horizontal(valid).all()).item() if frame.height else True
+    # variables with the same rows share one set of resamples; otherwise each gets its own
+    batches = [values] if complete else [[v] for v in values]
+    alpha = (1 - level) / 2
     rows = []
-    for name in values:
-        clean = df.select(*by, cluster, pl.col(name).cast(pl.Float64)).filter(
-            pl.col(name).is_not_null() & pl.col(name).is_not_nan()
+    for batch in batches:
+        clean = frame.select(*by, cluster, *batch).filter(
+            pl.all_horizontal(pl.col(v).is_not_null() & pl.col(v).is_not_nan() for v in batch)
         )
         per_cluster = (
             clean.group_by([*by, cluster])
-            .agg(total=pl.col(name).sum(), count=pl.len())
+            .agg(*[pl.col(v).sum() for v in batch], _count=pl.len())
             .sort([*by, cluster], nulls_last=True)
         )
         groups = per_cluster.group_by(by or pl.lit(0), maintain_order=True).agg(
-            n=pl.col("count").sum(), n_clusters=pl.len(), estimate=pl.col("total").sum() / pl.col("count").sum()
+            n=pl.col("_count").sum(), n_clusters=pl.len(), *[pl.col(v).sum() / pl.col("_count").sum() for v in batch]
         )
         if by:
-            # group starts follow the sorted order of per_cluster
-            groups = groups.sort(list(by), nulls_last=True)
+            groups = groups.sort(list(by), nulls_last=True)  # the order of the groups' runs in per_cluster
+        else:
+            groups = groups.drop("literal")
         sizes = groups["n_clusters"].to_numpy()
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        boot = _cluster_bootstrap(
-            per_cluster["total"].to_numpy()[:, None], per_cluster["count"].to_numpy()[:, None].astype(np.float64),
-            starts, n_boot, rng,
-        )[..., 0]
-        alpha = (1 - level) / 2
-        low, high = np.quantile(boot, [alpha, 1 - alpha], axis=0) if len(starts) else (np.array([]), np.array([]))
-        frame = groups.with_columns(ci_low=pl.Series(low), ci_high=pl.Series(high))
-        if not by:
-            frame = frame.drop("literal")
-        if len(values) > 1:
-            frame = frame.with_columns(variable=pl.lit(name))
-        rows.append(frame)
+        totals = per_cluster.select(batch).to_numpy().astype(np.float64)  # (clusters, V)
+        counts = per_cluster["_count"].to_numpy().astype(np.float64)
+        boot = _cluster_bootstrap(totals, counts, starts, n_boot, rng)  # (n_boot, groups, V)
+        if len(starts):
+            low, high = np.quantile(boot, [alpha, 1 - alpha], axis=0)  # (groups, V)
+        else:
+            low = high = np.zeros((0, len(batch)))
+        for i, v in enumerate(batch):
+            rows.append(
+                groups.select(*by, "n", "n_clusters", estimate=pl.col(v)).with_columns(
+                    variable=pl.lit(v), ci_low=pl.Series(low[:, i]), ci_high=pl.Series(high[:, i])
+                )
+            )
     columns = [*by, *(["variable"] if len(values) > 1 else []), "estimate", "ci_low", "ci_high", "n", "n_clusters"]
     return pl.concat([r.select(columns) for r in rows])
 
@@ -680,7 +698,7 @@ def paired_bootstrap(
     sizes = groups["n_clusters"].to_numpy()
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     diff = (per_cluster["sum_b"] - per_cluster["sum_a"]).to_numpy()[:, None]
-    count = per_cluster["count"].to_numpy()[:, None].astype(np.float64)
+    count = per_cluster["count"].to_numpy().astype(np.float64)
     boot = _cluster_bootstrap(diff, count, starts, n_boot, np.random.default_rng(seed))[..., 0]
     alpha = (1 - level) / 2
     low, high = np.quantile(boot, [alpha, 1 - alpha], axis=0)

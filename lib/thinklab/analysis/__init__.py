@@ -53,7 +53,7 @@ def all_frames(
     stats = step("trace_stats", lambda: with_trace_stats(df, n_bins=n_bins))
     o, t = overthinking, temperature
     frames["accuracy_vs_budget"] = step("accuracy_vs_budget", lambda: o.accuracy_vs_budget(df, n_boot=n_boot, seed=seed))
-    if df.filter(pl.col("thinking_budget").is_null()).height:
+    if df["thinking_budget"].null_count():
         frames["accuracy_vs_length"] = step(
             "accuracy_vs_length", lambda: o.accuracy_vs_length(df, n_boot=n_boot, seed=seed)
         )

@@ -81,32 +81,32 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
         raise ValueError(f"phase={phase!r} is not valid; choose 'all' or 'thinking'")
     entropy = df["token_entropy"]
     lengths = entropy.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = entropy.explode(empty_as_null=False, keep_nulls=False).to_numpy()  # zero-copy view
-    if flat.dtype != np.float32 and flat.dtype != np.float64:
-        flat = flat.astype(np.float64)
-    starts = np.cumsum(lengths) - lengths
     n_think = np.clip(df["n_thinking_tokens"].fill_null(0).to_numpy().astype(np.int64), 0, lengths)
-
-    # thinking | answer
-    phase_bounds = np.stack([starts, starts + n_think], axis=1).reshape(-1)
-    phase_bounds = np.append(phase_bounds, starts[-1] + lengths[-1] if len(lengths) else 0)
-    sums = _segment_sums(flat, phase_bounds).reshape(-1, 2) if len(lengths) else np.zeros((0, 2))
     n_answer = lengths - n_think
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_all = (sums[:, 0] + sums[:, 1]) / lengths
-        mean_think = sums[:, 0] / n_think
-        mean_answer = sums[:, 1] / n_answer
-
-    # normalized-position slices
     span = lengths if phase == "all" else n_think
     j = np.arange(n_bins + 1)
     edges = (j[None, :] * span[:, None] + n_bins - 1) // n_bins  # (samples, n_bins + 1): ceil(j n / B)
-    bounds = (starts[:, None] + edges).reshape(-1)
-    bounds = np.append(bounds, len(flat))
-    slice_sums = _segment_sums(flat, bounds).reshape(len(lengths), n_bins + 1)[:, :n_bins]
-    counts = np.diff(edges, axis=1)
+    phase_sums = np.zeros((len(lengths), 2))
+    slice_sums = np.zeros((len(lengths), n_bins))
+    row = 0
+    # chunk by chunk, so each chunk's values are a zero-copy view (no rechunk of the whole column)
+    for chunk in entropy.get_chunks():
+        rows = slice(row, row + len(chunk))
+        row += len(chunk)
+        flat = chunk.explode(empty_as_null=False, keep_nulls=False).to_numpy()  # (tokens in chunk,)
+        if flat.dtype not in (np.float32, np.float64):
+            flat = flat.astype(np.float64)
+        size = lengths[rows]
+        starts = np.cumsum(size) - size
+        bounds = np.append(np.stack([starts, starts + n_think[rows]], axis=1).reshape(-1), len(flat))
+        phase_sums[rows] = _segment_sums(flat, bounds).reshape(-1, 2)
+        bounds = np.append((starts[:, None] + edges[rows]).reshape(-1), len(flat))
+        slice_sums[rows] = _segment_sums(flat, bounds).reshape(-1, n_bins + 1)[:, :n_bins]
     with np.errstate(divide="ignore", invalid="ignore"):
-        profile = (slice_sums / counts).astype(np.float32)  # (samples, n_bins)
+        mean_all = phase_sums.sum(1) / lengths
+        mean_think = phase_sums[:, 0] / n_think
+        mean_answer = phase_sums[:, 1] / n_answer
+        profile = (slice_sums / np.diff(edges, axis=1)).astype(np.float32)  # (samples, n_bins)
 
     def nullable(values: np.ndarray, present: np.ndarray) -> pl.Series:
         return pl.Series(np.where(present, values, 0.0)).set(pl.Series(~present), None)
@@ -141,10 +141,10 @@ def accuracy_vs_budget(
     by = _by(df, by, ["thinking_budget"])
     keys = [*by, "thinking_budget"]
     ci = bootstrap_ci(df, "correct", by=keys, n_boot=n_boot, level=level, seed=seed)
-    extra = df.group_by(keys).agg(
+    extra = df.lazy().group_by(keys).agg(
         mean_thinking_tokens=pl.col("n_thinking_tokens").mean(),
         share_capped=(pl.col("finish_reason") == "budget").mean(),
-    )
+    ).collect()
     return (
         ci.rename({"estimate": "accuracy", "n_clusters": "n_problems"})
         .join(extra, on=keys, nulls_equal=True)
@@ -174,7 +174,7 @@ def accuracy_vs_length(
     n_problems, mean_length.
     """
     by = _by(df, by, ["thinking_budget", "wait_extensions"])
-    rows = df
+    rows = df.select(*by, "problem_id", "correct", "thinking_budget", "wait_extensions", length)
     if natural_only:
         rows = rows.filter(pl.col("thinking_budget").is_null() & (pl.col("wait_extensions").fill_null(0) == 0))
     values = rows[length].to_numpy().astype(np.float64)
@@ -266,12 +266,12 @@ def selection_accuracy(
     """
     by = _by(df, by)
     cell = [*by, "problem_id"]
-    per_problem = df.group_by(cell).agg(
+    per_problem = df.lazy().group_by(cell).agg(
         shortest=pl.col("correct").filter(pl.col(length) == pl.col(length).min()).mean(),
         longest=pl.col("correct").filter(pl.col(length) == pl.col(length).max()).mean(),
         random=pl.col("correct").mean(),
         oracle=pl.col("correct").any().cast(pl.Float64),
-    )
+    ).collect()
     vote = majority_vote(df, by).select(*cell, majority=pl.col("maj"))
     per_problem = per_problem.join(vote, on=cell, nulls_equal=True)
     methods = ["shortest", "longest", "random", "majority", "oracle"]
@@ -294,7 +294,8 @@ def length_distribution(
     keys = [*_by(df, by), "correct"]
     col = pl.col(length)
     return (
-        df.group_by(keys)
+        df.lazy()
+        .group_by(keys)
         .agg(
             n=pl.len(),
             mean=col.mean(),
@@ -304,6 +305,7 @@ def length_distribution(
             max=col.max(),
         )
         .sort(keys, nulls_last=True)
+        .collect()
     )
 
 
@@ -343,7 +345,8 @@ def problem_length_stats(
     keys = [*_by(df, by), "problem_id"]
     col = pl.col(length)
     return (
-        df.group_by(keys)
+        df.lazy()
+        .group_by(keys)
         .agg(
             n=pl.len(),
             mean=col.mean(),
@@ -357,6 +360,7 @@ def problem_length_stats(
             accuracy=pl.col("correct").mean(),
         )
         .sort(keys, nulls_last=True)
+        .collect()
     )
 
 

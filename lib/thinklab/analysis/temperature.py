@@ -38,7 +38,7 @@ def _by(df: pl.DataFrame, by: Sequence[str] | None, condition: str) -> list[str]
 
 def default_ks(df: pl.DataFrame, by: Sequence[str] = ()) -> list[int]:
     """Powers of two up to the largest number of samples per problem, and that number."""
-    n_max = int(df.group_by([*by, "problem_id"]).len()["len"].max() or 1)
+    n_max = int(df.lazy().group_by([*by, "problem_id"]).len().select(pl.col("len").max()).collect().item() or 1)
     return sorted({*(2**i for i in range(int(np.log2(n_max)) + 1)), n_max})
 
 
