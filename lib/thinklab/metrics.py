@@ -213,7 +213,10 @@ def maj_at_k_exact(sizes, correct, n, ks) -> tuple[np.ndarray, np.ndarray, np.nd
     if len(n) and n.max() > EXACT_MAX_N:
         raise ValueError(f"exact maj@k supports n <= {EXACT_MAX_N}; use maj_at_k_monte_carlo")
     cell, m_g, others, kmax, _ = _exact_plan(sizes, correct, n, ks)
-    lf = _log_factorials(int(n.max()) if len(n) else 1)
+    n_max = int(n.max()) if len(n) else 1
+    # half[m, x] = C(m, x) / 2**m for every m <= n_max, x <= kmax (0 where x > m)
+    lf = _log_factorials(n_max)
+    half = _half_binomial(lf, np.arange(n_max + 1)[:, None], np.arange(min(int(ks.max()), n_max) + 1)[None, :])
     acc = np.zeros((len(cell), len(ks), 3))  # (rows, k, [integral, w=0, w=1])
     n_row = n[cell]
     for t in range(1, min(kmax, int(m_g.max()) if len(m_g) else 0) + 1):
@@ -235,8 +238,8 @@ def maj_at_k_exact(sizes, correct, n, ks) -> tuple[np.ndarray, np.ndarray, np.nd
         for j in range(n_big):
             c = int((n_big_row > j).sum())
             m = oth[:c, j]  # >= t
-            below = _half_binomial(lf, m[:, None], x[None, :])  # (c, x): the answer stays below t
-            top = _half_binomial(lf, m, t)  # (c,): it ties at t
+            below = half[m[:, None], x[None, :]]  # (c, x): the answer stays below t
+            top = half[m, t]  # (c,): it ties at t
             head_rows = poly[:c]
             new = head_rows * below[:, None, 0:1]
             for s in range(1, len(x)):
@@ -246,18 +249,18 @@ def maj_at_k_exact(sizes, correct, n, ks) -> tuple[np.ndarray, np.ndarray, np.nd
             poly[:c] = new
         big = oth >= t
         n_free = nr - m_g[live] - np.where(big, oth, 0).sum(1)
-        head = _half_binomial(lf, m_g[live], t)  # (rows,)
+        head = half[m_g[live], t]  # (rows,)
         for ki, k in enumerate(ks):
             if k < t or k > kmax:
                 continue
             s = np.arange(k - t + 1)
-            free = _half_binomial(lf, n_free[:, None], (k - t - s)[None, :])  # (rows, s)
+            free = half[n_free[:, None], (k - t - s)[None, :]]  # (rows, s)
             val = np.einsum("rws,rs->rw", poly[:, :, : k - t + 1], free) * head[:, None]
             acc[live, ki, 0] += val @ w_int
             acc[live, ki, 1] += val[:, -2]
             acc[live, ki, 2] += val[:, -1]
     # normalise by C(n, k) / 2**n and sum the rows of each cell
-    denom = _half_binomial(lf, n_row[:, None], ks[None, :])
+    denom = half[n_row[:, None], np.minimum(ks, half.shape[1] - 1)[None, :]]  # k > n is masked below
     with np.errstate(divide="ignore", invalid="ignore"):
         acc = acc / denom[:, :, None]
     out = np.zeros((len(n), len(ks), 3))

@@ -51,41 +51,55 @@ def all_frames(
         return frame
 
     stats = step("trace_stats", lambda: with_trace_stats(df, n_bins=n_bins))
+    conditions = condition_columns(df)  # once, instead of once per frame
+
+    def but(*axis: str) -> list[str]:
+        return [c for c in conditions if c not in axis]
+
     o, t = overthinking, temperature
-    frames["accuracy_vs_budget"] = step("accuracy_vs_budget", lambda: o.accuracy_vs_budget(df, n_boot=n_boot, seed=seed))
+    frames["accuracy_vs_budget"] = step(
+        "accuracy_vs_budget", lambda: o.accuracy_vs_budget(df, by=but("thinking_budget"), n_boot=n_boot, seed=seed)
+    )
     if df["thinking_budget"].null_count():
         frames["accuracy_vs_length"] = step(
-            "accuracy_vs_length", lambda: o.accuracy_vs_length(df, n_boot=n_boot, seed=seed)
+            "accuracy_vs_length",
+            lambda: o.accuracy_vs_length(df, by=but("thinking_budget", "wait_extensions"), n_boot=n_boot, seed=seed),
         )
     if "level" in df.columns:
-        by_level = step("accuracy_by_level", lambda: o.accuracy_by_level(df, n_boot=n_boot, seed=seed))
+        by_level = step("accuracy_by_level", lambda: o.accuracy_by_level(df, by=but(), n_boot=n_boot, seed=seed))
         frames["accuracy_by_level"] = by_level
-        if "thinking_budget" in condition_columns(df):
+        if "thinking_budget" in conditions:
             frames["best_budget_per_level"] = step(
-                "best_budget_per_level", lambda: o.best_budget_per_level(df, by_level=by_level)
+                "best_budget_per_level",
+                lambda: o.best_budget_per_level(df, by=but("thinking_budget"), by_level=by_level),
             )
-    frames["selection_accuracy"] = step("selection_accuracy", lambda: o.selection_accuracy(df, n_boot=n_boot, seed=seed))
-    frames["length_distribution"] = step("length_distribution", lambda: o.length_distribution(df))
-    frames["length_histogram"] = step("length_histogram", lambda: o.length_histogram(df))
-    frames["problem_length_stats"] = step("problem_length_stats", lambda: o.problem_length_stats(df))
-    frames["phase_entropy"] = step("phase_entropy", lambda: o.phase_entropy(stats))
-    frames["entropy_length_correlation"] = step(
-        "entropy_length_correlation", lambda: o.entropy_length_correlation(stats)
+    frames["selection_accuracy"] = step(
+        "selection_accuracy", lambda: o.selection_accuracy(df, by=but(), n_boot=n_boot, seed=seed)
     )
-    frames["entropy_along_trace"] = step("entropy_along_trace", lambda: o.entropy_along_trace(stats, n_bins=n_bins))
-    frames["marker_rates"] = step("marker_rates", lambda: o.marker_rates(df, markers))
+    frames["length_distribution"] = step("length_distribution", lambda: o.length_distribution(df, by=but()))
+    frames["length_histogram"] = step("length_histogram", lambda: o.length_histogram(df, by=but()))
+    frames["problem_length_stats"] = step("problem_length_stats", lambda: o.problem_length_stats(df, by=but()))
+    frames["phase_entropy"] = step("phase_entropy", lambda: o.phase_entropy(stats, by=but()))
+    frames["entropy_length_correlation"] = step(
+        "entropy_length_correlation", lambda: o.entropy_length_correlation(stats, by=but())
+    )
+    frames["entropy_along_trace"] = step(
+        "entropy_along_trace", lambda: o.entropy_along_trace(stats, n_bins=n_bins, by=but())
+    )
+    frames["marker_rates"] = step("marker_rates", lambda: o.marker_rates(df, markers, by=but()))
 
-    frames["pass_at_k_curve"] = step("pass_at_k_curve", lambda: t.pass_at_k_curve(df, ks))
-    frames["maj_at_k_curve"] = step("maj_at_k_curve", lambda: t.maj_at_k_curve(df, ks, seed=seed))
-    frames["solve_matrix"] = step("solve_matrix", lambda: t.solve_matrix(df))
-    frames["coverage"] = step("coverage", lambda: t.coverage(df))
+    axis = "temperature"
+    frames["pass_at_k_curve"] = step("pass_at_k_curve", lambda: t.pass_at_k_curve(df, ks, by=but(axis)))
+    frames["maj_at_k_curve"] = step("maj_at_k_curve", lambda: t.maj_at_k_curve(df, ks, by=but(axis), seed=seed))
+    frames["solve_matrix"] = step("solve_matrix", lambda: t.solve_matrix(df, by=but(axis)))
+    frames["coverage"] = step("coverage", lambda: t.coverage(df, by=but(axis)))
     frames["entropy_length_vs_temperature"] = step(
-        "entropy_length_vs_temperature", lambda: t.entropy_length_vs_temperature(stats)
+        "entropy_length_vs_temperature", lambda: t.entropy_length_vs_temperature(stats, by=but(axis))
     )
     frames["accuracy_vs_temperature"] = step(
-        "accuracy_vs_temperature", lambda: t.accuracy_vs_temperature(df, n_boot=n_boot, seed=seed)
+        "accuracy_vs_temperature", lambda: t.accuracy_vs_temperature(df, by=but(axis), n_boot=n_boot, seed=seed)
     )
     frames["multi_temperature_voting"] = step(
-        "multi_temperature_voting", lambda: t.multi_temperature_voting(df, ks, seed=seed)
+        "multi_temperature_voting", lambda: t.multi_temperature_voting(df, ks, by=but(axis), seed=seed)
     )
     return frames
