@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_MARKERS",
     "TRACE_STAT_COLUMNS",
     "with_trace_stats",
+    "ensure_trace_stats",
     "accuracy_vs_budget",
     "accuracy_vs_length",
     "accuracy_by_level",
@@ -119,7 +120,8 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
     )
 
 
-def _ensure_trace_stats(df: pl.DataFrame, n_bins: int | None = None, phase: str = "all") -> pl.DataFrame:
+def ensure_trace_stats(df: pl.DataFrame, n_bins: int | None = None, phase: str = "all") -> pl.DataFrame:
+    """`df` itself if it already carries the `with_trace_stats` columns, else `with_trace_stats(df)`."""
     if all(c in df.columns for c in TRACE_STAT_COLUMNS) and (
         n_bins is None or df.schema["entropy_profile"].shape == (n_bins,)
     ):
@@ -375,7 +377,7 @@ def phase_entropy(df: pl.DataFrame, *, by: Sequence[str] | None = None) -> pl.Da
     std, n.
     """
     by = _by(df, by)
-    stats = _ensure_trace_stats(df)
+    stats = ensure_trace_stats(df)
     keys = [*by, "correct"]
     long = stats.select(
         *keys, thinking="mean_entropy_thinking", answer="mean_entropy_answer", all="mean_entropy"
@@ -396,7 +398,7 @@ def entropy_length_correlation(
     Returns `by`..., subset ('all' | 'correct' | 'incorrect'), n, pearson, spearman.
     """
     by = _by(df, by)
-    stats = _ensure_trace_stats(df).select(*by, "correct", "mean_entropy", pl.col(length).cast(pl.Float64))
+    stats = ensure_trace_stats(df).select(*by, "correct", "mean_entropy", pl.col(length).cast(pl.Float64))
     stats = stats.drop_nulls("mean_entropy")
     agg = dict(
         n=pl.len(),

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from thinklab import metrics
-from thinklab.analysis.overthinking import _ensure_trace_stats
+from thinklab.analysis.overthinking import ensure_trace_stats
 
 __all__ = [
     "default_ks",
@@ -122,7 +122,7 @@ def entropy_length_vs_temperature(
     'n_thinking_tokens'), n, mean, std, p10, p50, p90.
     """
     keys = [*_by(df, by, condition), condition]
-    stats = _ensure_trace_stats(df)
+    stats = ensure_trace_stats(df)
     variables = ["mean_entropy", "n_tokens", "n_thinking_tokens"]
     long = stats.select(*keys, *[pl.col(v).cast(pl.Float64) for v in variables]).unpivot(
         index=keys, variable_name="variable", value_name="value"
