@@ -108,7 +108,7 @@ def test_trace_stats_match_a_per_sample_loop():
         assert got["mean_entropy"] == (pytest.approx(tokens.mean()) if len(tokens) else None)
         assert got["mean_entropy_thinking"] == (pytest.approx(tokens[:k].mean()) if k else None)
         assert got["mean_entropy_answer"] == (pytest.approx(tokens[k:].mean()) if len(tokens) > k else None)
-        for span, profile in ((tokens, got["entropy_profile"]), (tokens[:k], thinking.row(i, named=True)["entropy_profile"])):
+        for span, profile in ((tokens, got["entropy_profile"]), (tokens[:k], thinking.row(i, named=True)["entropy_profile_thinking"])):
             slots = (np.arange(len(span)) * n_bins) // max(len(span), 1)
             for b in range(n_bins):
                 inside = span[slots == b]
@@ -131,6 +131,10 @@ def test_phase_entropy_and_along_trace_hand_values():
     assert get(False, "answer").height == 0  # no answer tokens: left out, not zero
     assert get(False, "thinking")["mean_entropy"].item() == pytest.approx(3.5)
     trace = ot.entropy_along_trace(df, n_bins=2, by=())
+    thinking = ot.entropy_along_trace(df, n_bins=2, by=(), phase="thinking").filter(pl.col("correct"))
+    assert thinking["mean_entropy"].to_list() == pytest.approx([1.5, 2.5])  # a: [1,1 | 3,3], b: [2 | 2]
+    cached = ot.with_trace_stats(df, n_bins=2)
+    assert ot.entropy_along_trace(cached, n_bins=2, by=()).equals(trace)
     right = trace.filter(pl.col("correct")).sort("bin")
     # a: [1,1,3 | 3,0.5] -> 5/3, 1.75 ; b: [2,2 | 0.1,0.3] -> 2, 0.2
     assert right["mean_entropy"].to_list() == pytest.approx([(5 / 3 + 2) / 2, (1.75 + 0.2) / 2])

@@ -48,6 +48,10 @@ __all__ = [
 TRACE_STAT_COLUMNS = ("mean_entropy", "mean_entropy_thinking", "mean_entropy_answer", "entropy_profile")
 
 
+def _profile_column(phase: str) -> str:
+    return "entropy_profile" if phase == "all" else f"entropy_profile_{phase}"
+
+
 def _by(df: pl.DataFrame, by: Sequence[str] | None, axis: Sequence[str] = ()) -> list[str]:
     return condition_columns(df, exclude=axis) if by is None else list(by)
 
@@ -72,10 +76,11 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
     """Add per-sample token-entropy statistics as columns.
 
     mean_entropy, mean_entropy_thinking, mean_entropy_answer (f64; null where the phase
-    has no tokens), and entropy_profile (Array[f32, n_bins]): the mean entropy in each of
+    has no tokens), and the profile (Array[f32, n_bins]): the mean entropy in each of
     n_bins equal slices of the normalized position axis, over the whole trace
-    (`phase="all"`) or the thinking phase only (`phase="thinking"`); NaN where a slice is
-    empty (traces shorter than n_bins). Token i of a trace of n tokens falls in slice
+    (`phase="all"`, column entropy_profile) or the thinking phase only
+    (`phase="thinking"`, column entropy_profile_thinking); NaN where a slice is empty
+    (traces shorter than n_bins). Token i of a trace of n tokens falls in slice
     floor(i * n_bins / n). The first n_thinking_tokens entries are the thinking phase.
     """
     if phase not in ("all", "thinking"):
@@ -116,7 +121,7 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
         mean_entropy=nullable(mean_all, lengths > 0),
         mean_entropy_thinking=nullable(mean_think, n_think > 0),
         mean_entropy_answer=nullable(mean_answer, n_answer > 0),
-        entropy_profile=pl.Series(profile.reshape(len(lengths), n_bins), dtype=pl.Array(pl.Float32, n_bins)),
+        **{_profile_column(phase): pl.Series(profile.reshape(len(lengths), n_bins), dtype=pl.Array(pl.Float32, n_bins))},
     )
 
 
@@ -428,11 +433,12 @@ def entropy_along_trace(
     """
     by = _by(df, by)
     keys = [*by, "correct"]
-    if "entropy_profile" in df.columns and df.schema["entropy_profile"].shape == (n_bins,) and phase == "all":
+    column = _profile_column(phase)
+    if column in df.columns and df.schema[column].shape == (n_bins,):
         stats = df
     else:
         stats = with_trace_stats(df, n_bins=n_bins, phase=phase)
-    profile = stats["entropy_profile"].to_numpy()  # (samples, n_bins)
+    profile = stats[column].to_numpy()  # (samples, n_bins)
     group = stats.select(keys).with_columns(_g=pl.struct(keys).rank("dense") - 1)
     codes = group["_g"].to_numpy().astype(np.int64)
     n_groups = int(codes.max()) + 1 if len(codes) else 0
