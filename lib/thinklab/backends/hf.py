@@ -188,37 +188,38 @@ class HFBackend(Backend):
         logits = out.logits[:, -1, :]
         next_pos = positions[:, -1:] + 1
 
-        tokens = torch.empty((B, max_new_tokens), dtype=torch.long, device=dev)
-        ents = torch.empty((B, max_new_tokens), dtype=torch.float32, device=dev)
-        lps = torch.empty((B, max_new_tokens), dtype=torch.float32, device=dev)
+        tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
+        ents = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+        lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
         lengths = [0] * B
         finish = ["length"] * B
         stop_hit: list[str | None] = [None] * B
-        active = list(range(B))
+        rows = list(range(B))  # original row of each position in the (shrinking) batch
         host_ids: list[list[int]] = [[] for _ in range(B)]
         stop_window = max((len(s) for s in stop), default=0) + 4
         eos = torch.tensor(sorted(self.eos_ids), device=dev)
 
         for step in range(max_new_tokens):
-            logp = process_logits(logits, sampling)  # (B, V)
+            logp = process_logits(logits, sampling)  # (b, V), b = rows still generating
             if generators is None:
                 tok = logp.argmax(dim=-1)
             else:
                 u = torch.empty_like(logp)
-                for r in active:
-                    u[r].uniform_(generator=generators[r])
+                for pos, r in enumerate(rows):
+                    u[pos].uniform_(generator=generators[r])
                 gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
                 tok = (logp + gumbel).argmax(dim=-1)
-            tokens[:, step] = tok
-            ents[:, step] = entropy_from_logp(logp)
-            lps[:, step] = logp.gather(-1, tok[:, None]).squeeze(-1)
+            rows_t = torch.tensor(rows, device=dev)
+            tokens[rows_t, step] = tok
+            ents[rows_t, step] = entropy_from_logp(logp)
+            lps[rows_t, step] = logp.gather(-1, tok[:, None]).squeeze(-1)
             is_eos = torch.isin(tok, eos).tolist()  # one host sync per step
             tok_host = tok.tolist()
-            still = []
-            for r in active:
+            keep = []
+            for pos, r in enumerate(rows):
                 lengths[r] = step + 1
-                host_ids[r].append(tok_host[r])
-                if is_eos[r]:
+                host_ids[r].append(tok_host[pos])
+                if is_eos[pos]:
                     finish[r] = "stop"
                     continue
                 if stop:
@@ -227,16 +228,18 @@ class HFBackend(Backend):
                     if hit is not None:
                         finish[r], stop_hit[r] = "stop", hit
                         continue
-                still.append(r)
-            active = still
-            if not active or step == max_new_tokens - 1:
+                keep.append(pos)
+            if not keep or step == max_new_tokens - 1:
                 break
-            # Finished rows keep decoding a pad token (cheaper than reshaping the cache);
-            # their outputs past their length are never read.
-            feed = tok.masked_fill(~torch.tensor([r in set(active) for r in range(B)], device=dev), self.pad_id)
-            attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=dev)], dim=1)
+            if len(keep) < len(rows):
+                # Finished rows leave the batch: the cache, mask and positions shrink with them.
+                keep_t = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(keep_t)
+                attention, next_pos, tok = attention[keep_t], next_pos[keep_t], tok[keep_t]
+                rows = [rows[pos] for pos in keep]
+            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
             out = self.model(
-                input_ids=feed[:, None], attention_mask=attention, position_ids=next_pos,
+                input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos,
                 past_key_values=cache, use_cache=True,
             )
             logits = out.logits[:, -1, :]
