@@ -1,0 +1,185 @@
+"""Study 4, MoE sparsity: accuracy, length and entropy as the active experts per token change.
+
+Conditions: one run per top-k over the same problems and seeds (`ModelSpec.moe_top_k`).
+After each run, the routing columns (`thinklab.moe.ROUTING_SCHEMA`: expert load per layer,
+router entropy per phase) are added from the model that generated it. Until the runner
+stores them itself, they are cached beside the run as `data/runs/<run_id>/routing.parquet`
+(written atomically; recomputed if it does not cover the run's rows). The vLLM backend
+exposes no router, so its tables carry no routing columns.
+
+Frames are pure functions of the table; figures only read frames.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import plotly.express as px
+import plotly.graph_objects as go
+import polars as pl
+
+from thinklab import moe, runner
+from thinklab.analysis import overthinking as ot
+from thinklab.config import ModelSpec, RunSpec, SamplingSpec
+from thinklab.metrics import bootstrap_ci
+from thinklab.studies.common import run_conditions
+
+STUDY = "moe"
+ROUTING_FILE = "routing.parquet"
+ROUTING_COLUMNS = tuple(moe.ROUTING_SCHEMA)
+METRICS = {
+    "correct": "accuracy",
+    "n_tokens": "generated tokens",
+    "mean_entropy": "mean token entropy (nats)",
+    "router_entropy_thinking": "router entropy, thinking (nats)",
+    "router_entropy_answer": "router entropy, answer (nats)",
+}
+
+
+def conditions(
+    model: str = moe.DEFAULT_OFFLINE,
+    backend: str = "hf",
+    task: str = "rg:basic_arithmetic",
+    top_k_values: Sequence[int] = (4, 8, 12, 16),
+    n_problems: int = 16,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    max_tokens: int = 128,
+    seed: int = 0,
+) -> list[RunSpec]:
+    """One RunSpec per top-k. An offline MoE name is built if missing and replaced by its directory."""
+    name = moe.model_name(model)
+    n = 1 if temperature == 0 else n_samples  # greedy samples would all be equal
+    return [
+        RunSpec(
+            model=ModelSpec(name=name, backend=backend, moe_top_k=int(k)),
+            task=task,
+            n_problems=n_problems,
+            task_seed=seed,
+            sampling=SamplingSpec(temperature=temperature, n=n, max_tokens=max_tokens, seed=seed),
+        )
+        for k in top_k_values
+    ]
+
+
+def _routing_for(spec: RunSpec, table: pl.DataFrame, runs_root=None) -> pl.DataFrame | None:
+    path = runner.run_dir(spec, runs_root) / ROUTING_FILE
+    keys = ["run_id", "problem_id", "sample_idx"]
+    if path.is_file():
+        cached = pl.read_parquet(path)
+        if table.select(keys).join(cached.select(keys), on=keys, how="anti").is_empty():
+            return cached
+    backend = runner.get_backend(spec.model)
+    model = getattr(backend, "model", None)
+    if not moe.is_moe(model):
+        return None
+    frame = moe.routing_frame(model, backend.tokenizer, table)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return frame
+
+
+def run(specs: Sequence[RunSpec], progress: bool = True, runs_root=None) -> pl.DataFrame:
+    """The sample table of every condition, with trace statistics and routing columns."""
+    frames = []
+    for spec in specs:
+        table = run_conditions([spec], progress=progress, **({"runs_root": runs_root} if runs_root else {}))
+        if spec.model.backend == "hf" and not set(ROUTING_COLUMNS) <= set(table.columns):
+            routing = _routing_for(spec, table, runs_root)
+            if routing is not None:
+                table = table.join(routing, on=["run_id", "problem_id", "sample_idx"], how="left")
+        frames.append(table)
+    return ot.with_trace_stats(pl.concat(frames, how="diagonal_relaxed"))
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def num_experts(df: pl.DataFrame) -> int | None:
+    if "expert_load" not in df.columns or df.height == 0:
+        return None
+    first = df["expert_load"].drop_nulls()
+    return len(first[0][0]) if len(first) else None
+
+
+def metrics_vs_k(df: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> pl.DataFrame:
+    """Per top-k and metric (see METRICS): mean with a 95% bootstrap interval over problems."""
+    values = [m for m in METRICS if m in df.columns]
+    frame = df.with_columns(pl.col("correct").cast(pl.Float64), pl.col("n_tokens").cast(pl.Float64))
+    out = bootstrap_ci(frame, values, by=["moe_top_k"], n_boot=n_boot, seed=seed)
+    if len(values) == 1:
+        out = out.with_columns(variable=pl.lit(values[0]))
+    E = num_experts(df)
+    return out.with_columns(
+        metric=pl.col("variable").replace_strict(METRICS, default=pl.col("variable")),
+        active_fraction=(pl.col("moe_top_k") / E) if E else pl.lit(None, pl.Float64),
+    ).sort("variable", "moe_top_k")
+
+
+def expert_load(df: pl.DataFrame) -> pl.DataFrame:
+    """Long frame: moe_top_k, layer, expert, tokens, share (of the layer's routed tokens at that k)."""
+    rows = (
+        df.select("moe_top_k", pl.col("expert_load"))
+        .drop_nulls("expert_load")
+        .with_row_index("sample")
+        .explode("expert_load")
+        .with_columns(layer=pl.int_range(pl.len()).over("sample"))
+        .explode("expert_load")
+        .with_columns(expert=pl.int_range(pl.len()).over("sample", "layer"))
+        .group_by("moe_top_k", "layer", "expert")
+        .agg(tokens=pl.col("expert_load").sum())
+    )
+    return rows.with_columns(share=pl.col("tokens") / pl.col("tokens").sum().over("moe_top_k", "layer")).sort(
+        "moe_top_k", "layer", "expert"
+    )
+
+
+def router_entropy_by_phase(df: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> pl.DataFrame:
+    """Per top-k and phase: mean router entropy with a 95% bootstrap interval over problems."""
+    long = df.select("moe_top_k", "problem_id", thinking="router_entropy_thinking", answer="router_entropy_answer").unpivot(
+        index=["moe_top_k", "problem_id"], variable_name="phase", value_name="router_entropy"
+    )
+    return bootstrap_ci(long, "router_entropy", by=["moe_top_k", "phase"], n_boot=n_boot, seed=seed)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _errors(frame: pl.DataFrame) -> dict:
+    return dict(error_y=(frame["ci_high"] - frame["estimate"]).to_list(),
+                error_y_minus=(frame["estimate"] - frame["ci_low"]).to_list())
+
+
+def fig_metric_vs_k(frame: pl.DataFrame, metric: str = "correct") -> go.Figure:
+    """One metric of `metrics_vs_k` against the number of active experts."""
+    sub = frame.filter(pl.col("variable") == metric).sort("moe_top_k")
+    fig = px.line(sub, x="moe_top_k", y="estimate", markers=True, hover_data=["active_fraction", "n", "n_clusters"],
+                  **_errors(sub))
+    label = METRICS.get(metric, metric)
+    fig.update_layout(title=f"{label} vs. active experts per token (95% bootstrap CI over problems)",
+                      xaxis_title="active experts per token (top-k)", yaxis_title=label)
+    if metric == "correct":
+        fig.update_yaxes(range=[-0.02, 1.02])
+    return fig
+
+
+def fig_expert_load(load: pl.DataFrame, k: int) -> go.Figure:
+    """Heatmap layer × expert of each expert's share of the routed tokens at top-k = k."""
+    sub = load.filter(pl.col("moe_top_k") == k)
+    wide = sub.pivot(on="expert", index="layer", values="share").sort("layer")
+    experts = [c for c in wide.columns if c != "layer"]
+    fig = go.Figure(go.Heatmap(z=wide.select(experts).to_numpy(), x=[int(e) for e in experts], y=wide["layer"].to_list(),
+                               colorscale="Viridis", colorbar=dict(title="share")))
+    fig.update_layout(title=f"Expert load per layer at top-k = {k} (uniform = {1 / max(len(experts), 1):.3f})",
+                      xaxis_title="expert", yaxis_title="layer", height=max(450, 16 * wide.height))
+    return fig
+
+
+def fig_router_entropy_by_phase(frame: pl.DataFrame) -> go.Figure:
+    frame = frame.sort("phase", "moe_top_k")
+    fig = px.line(frame, x="moe_top_k", y="estimate", color="phase", markers=True, **_errors(frame))
+    fig.update_layout(title="Router entropy by phase vs. active experts (95% bootstrap CI over problems)",
+                      xaxis_title="active experts per token (top-k)", yaxis_title="router entropy (nats)")
+    return fig
