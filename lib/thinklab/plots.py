@@ -5,10 +5,16 @@ makes it self-contained (about 5 MB). Static images need a Chromium that kaleido
 drive (Debian: `apt-get install chromium`; elsewhere `plotly_get_chrome`); one browser
 session is started on first use and reused for every later figure. Where no browser
 exists, HTML is still written and the static step says what to install, once.
+
+Two environment variables let `thinklab batch` keep each parameter set's figures apart
+without touching the notebooks: `THINKLAB_FIGURE_SUBDIR` puts them under
+figures/<study>/<subdir>/, and `THINKLAB_FIGURE_LOG` names a file that gets one line per
+file written, so the batch index lists exactly what a set produced.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import warnings
@@ -71,7 +77,7 @@ def export(
     height: int = 550,
 ) -> list[Path]:
     """Write `fig` as figures/<study>/<name>.<fmt> for each format; return the files written."""
-    target = Path(out_dir) if out_dir else paths.figures_dir(study)
+    target = Path(out_dir) if out_dir else paths.figures_dir(study) / os.environ.get("THINKLAB_FIGURE_SUBDIR", "")
     target.mkdir(parents=True, exist_ok=True)
     written = []
     base = _slug(name)
@@ -88,6 +94,10 @@ def export(
             written.append(path)
         else:
             raise ValueError(f"format {fmt!r} is not valid; choose from html, png, svg, pdf")
+    log = os.environ.get("THINKLAB_FIGURE_LOG")
+    if log and written:
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.writelines(f"{p.resolve()}\n" for p in written)
     return written
 
 

@@ -1,0 +1,379 @@
+"""Sweeps: run one notebook once per parameter set through papermill, and index what ran.
+
+A sweep file (YAML) names a `notebook`, shared `parameters`, and either `sets` (a list of
+parameter dicts, each with an optional `name`) or `grid` (a dict of lists whose cartesian
+product gives the sets, named from their values). Every parameter name is checked against
+the notebook's `parameters` cell before anything runs. Each set runs in its own process
+(up to `workers` at once), with the notebook's folder as working directory, and leaves
+an executed notebook `<out>/<sweep>/<set>.ipynb` that is never edited afterwards. The
+index (`index.parquet` and a readable `index.md` beside the notebooks) records each
+set's parameters, their hash, status, duration, error and the figures it exported.
+
+Re-running a sweep skips every set that already succeeded with the same parameter hash
+and whose executed notebook still exists, and retries the rest; `force=True` reruns all.
+
+Optional keys: `name` (default: the file's stem), `out_dir` (default: `out/` beside the
+sweep file), `separate_figures` (default true: each set's figures go to
+figures/<study>/<sweep>/<set>/ so sets never overwrite each other; false writes
+straight to figures/<study>/), `timeout` (seconds per cell, default none), `kernel`
+(default: the notebook's own kernelspec).
+
+This module knows nothing about studies: it sees a notebook, its parameters cell and
+files. Generation caching is the notebook's business (runs are content-addressed).
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures as cf
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+from thinklab import paths
+
+INDEX_SCHEMA = {
+    "set": pl.String,
+    "status": pl.String,  # ok | failed | pending
+    "action": pl.String,  # what the latest invocation did: ran | skipped | pending
+    "runs": pl.Int64,  # how many times this set has been executed, over all invocations
+    "param_hash": pl.String,
+    "parameters": pl.String,  # JSON of the set's full parameters (shared + own)
+    "started": pl.String,  # ISO time of the execution this row describes
+    "duration_s": pl.Float64,
+    "error": pl.String,  # "ExceptionName: message" for failures
+    "error_cell": pl.Int64,  # index of the failing cell in the executed notebook
+    "figures": pl.List(pl.String),
+    "notebook": pl.String,  # the executed notebook
+}
+
+_SWEEP_KEYS = {"name", "notebook", "parameters", "sets", "grid", "out_dir", "separate_figures", "timeout", "kernel"}
+
+
+@dataclass(frozen=True)
+class ParameterSet:
+    name: str
+    parameters: dict[str, Any]
+    param_hash: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    path: Path
+    notebook: Path
+    out_dir: Path  # <out>/<sweep>
+    sets: tuple[ParameterSet, ...]
+    separate_figures: bool = True
+    timeout: float | None = None
+    kernel: str | None = None
+    known_parameters: dict[str, str] = field(default_factory=dict)  # name -> default (source text)
+
+
+# ---------------------------------------------------------------- parameters cell
+
+
+def notebook_parameters(notebook: Path | str) -> dict[str, str]:
+    """Names assigned in the notebook's `parameters` cell -> their default as source text.
+
+    Parsed with `ast` rather than `papermill.inspect_notebook`, whose line parser drops
+    parameters whose comment holds parentheses or quotes.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            source = cell.source
+            out: dict[str, str] = {}
+            for node in ast.parse(source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+                value = getattr(node, "value", None)
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        out[target.id] = ast.get_source_segment(source, value) if value is not None else ""
+            return out
+    raise ValueError(f"{notebook} has no cell tagged 'parameters'; papermill cannot parameterize it")
+
+
+def param_hash(notebook: Path, parameters: dict[str, Any]) -> str:
+    blob = json.dumps({"notebook": notebook.name, "parameters": parameters}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- sweep files
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        text = "+".join(_slug(v) for v in value)
+    elif value is None:
+        text = "none"
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.=+_-]+", "-", text).strip("-") or "x"
+
+
+def _set_name(values: dict[str, Any]) -> str:
+    name = "__".join(f"{k}={_slug(v)}" for k, v in values.items()) or "default"
+    return name if len(name) <= 120 else name[:103] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _resolve_notebook(text: str, sweep_path: Path) -> Path:
+    candidate = Path(text).expanduser()
+    options = [candidate] if candidate.is_absolute() else [
+        sweep_path.parent / candidate, paths.project_root() / candidate, paths.project_root() / "notebooks" / candidate]
+    for option in options:
+        if option.is_file():
+            return option.resolve()
+    raise FileNotFoundError(f"sweep {sweep_path}: notebook {text!r} not found (looked at {', '.join(map(str, options))})")
+
+
+def _raw_sets(spec: dict, where: Path) -> list[tuple[str | None, dict[str, Any]]]:
+    if ("sets" in spec) == ("grid" in spec):
+        raise ValueError(f"sweep {where}: give exactly one of `sets` (a list of parameter dicts) or `grid` (a dict of lists)")
+    if "grid" in spec:
+        grid = spec["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise ValueError(f"sweep {where}: `grid` must be a non-empty mapping of parameter -> list of values")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep {where}: grid entry {key!r} must be a non-empty list (wrap a list value in another list)")
+        keys = list(grid)
+        return [(None, dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+    sets = spec["sets"]
+    if not isinstance(sets, list) or not sets:
+        raise ValueError(f"sweep {where}: `sets` must be a non-empty list of parameter dicts")
+    out = []
+    for i, item in enumerate(sets):
+        if not isinstance(item, (dict, type(None))):
+            raise ValueError(f"sweep {where}: set #{i} is not a mapping")
+        item = dict(item or {})
+        name = item.pop("name", None)
+        out.append((str(name) if name is not None else None, item))
+    return out
+
+
+def load_sweep(path: Path | str, out_dir: Path | str | None = None) -> Sweep:
+    """Read and validate a sweep file; raises ValueError before anything runs."""
+    path = Path(path).resolve()
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"sweep {path}: expected a mapping at the top level")
+    unknown_keys = set(spec) - _SWEEP_KEYS
+    if unknown_keys:
+        raise ValueError(f"sweep {path}: unknown key(s) {sorted(unknown_keys)}; valid keys: {sorted(_SWEEP_KEYS)}")
+    if "notebook" not in spec:
+        raise ValueError(f"sweep {path}: `notebook` is required")
+    notebook = _resolve_notebook(str(spec["notebook"]), path)
+    known = notebook_parameters(notebook)
+    shared = dict(spec.get("parameters") or {})
+    name = str(spec.get("name") or path.stem)
+    if _slug(name) != name:
+        raise ValueError(f"sweep {path}: name {name!r} must be a plain file name (letters, digits, . = + _ -)")
+
+    sets, seen = [], set()
+    for set_name, own in _raw_sets(spec, path):
+        set_name = set_name or _set_name(own)
+        if _slug(set_name) != set_name:
+            raise ValueError(f"sweep {path}: set name {set_name!r} must be a plain file name (letters, digits, . = + _ -)")
+        if set_name in seen:
+            raise ValueError(f"sweep {path}: two sets are named {set_name!r}")
+        seen.add(set_name)
+        parameters = {**shared, **own}
+        unknown = sorted(set(parameters) - set(known))
+        if unknown:
+            where = "shared parameters" if set(unknown) <= set(shared) - set(own) else f"set {set_name!r}"
+            raise ValueError(f"sweep {path}: unknown parameter(s) {', '.join(unknown)} in {where}; "
+                             f"{notebook.name} accepts: {', '.join(known)}")
+        sets.append(ParameterSet(set_name, parameters, param_hash(notebook, parameters)))
+
+    base = Path(out_dir) if out_dir else Path(spec.get("out_dir") or "out")
+    if not base.is_absolute():
+        base = path.parent / base
+    timeout = spec.get("timeout")
+    return Sweep(name=name, path=path, notebook=notebook, out_dir=(base / name).resolve(), sets=tuple(sets),
+                 separate_figures=bool(spec.get("separate_figures", True)),
+                 timeout=float(timeout) if timeout is not None else None, kernel=spec.get("kernel"),
+                 known_parameters=known)
+
+
+# ---------------------------------------------------------------- execution (one process per set)
+
+
+def _execute(job: dict) -> dict:
+    """Run one set through papermill; never raises (a failure is a row with its error)."""
+    import papermill as pm
+
+    figure_log = Path(job["figure_log"])
+    figure_log.unlink(missing_ok=True)
+    os.environ["THINKLAB_FIGURE_LOG"] = str(figure_log)
+    os.environ["THINKLAB_FIGURE_SUBDIR"] = job["figure_subdir"]
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    status, error, error_cell = "ok", None, None
+    try:
+        pm.execute_notebook(job["notebook"], job["output"], parameters=job["parameters"], cwd=job["cwd"],
+                            kernel_name=job["kernel"], execution_timeout=job["timeout"],
+                            progress_bar=False, log_output=False, report_mode=False)
+    except pm.PapermillExecutionError as exc:
+        status, error, error_cell = "failed", f"{exc.ename}: {exc.evalue}", int(exc.cell_index)
+    except BaseException as exc:  # kernel death, timeouts, bad output path: still one row, never a crash
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+    figures: list[str] = []
+    if figure_log.exists():
+        figures = list(dict.fromkeys(line for line in figure_log.read_text().splitlines() if line))
+        figure_log.unlink()
+    return {"set": job["set"], "status": status, "started": started.isoformat(timespec="seconds"),
+            "duration_s": round(time.perf_counter() - t0, 2), "error": error, "error_cell": error_cell,
+            "figures": figures}
+
+
+def _read_index(out_dir: Path) -> dict[str, dict]:
+    index = out_dir / "index.parquet"
+    if not index.exists():
+        return {}
+    try:
+        return {row["set"]: row for row in pl.read_parquet(index).to_dicts()}
+    except Exception:  # a half-written or foreign index is not worth failing a sweep over
+        return {}
+
+
+def _frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame([{k: row.get(k) for k in INDEX_SCHEMA} for row in rows], schema=INDEX_SCHEMA)
+
+
+def _md_cell(text: Any, limit: int = 160) -> str:
+    text = "" if text is None else str(text)
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def write_index(sweep: Sweep, rows: list[dict]) -> pl.DataFrame:
+    """Write index.parquet and index.md (atomically, so a crash leaves the previous one)."""
+    frame = _frame(rows)
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = sweep.out_dir / ".index.parquet.tmp"
+    frame.write_parquet(tmp)
+    tmp.replace(sweep.out_dir / "index.parquet")
+
+    shared_keys = set.intersection(*(set(s.parameters) for s in sweep.sets)) if sweep.sets else set()
+    varying = [k for k in sweep.known_parameters
+               if k not in shared_keys or len({json.dumps(s.parameters.get(k), default=str) for s in sweep.sets}) > 1]
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"Notebook `{sweep.notebook.name}`, sweep file `{sweep.path.name}`, "
+             f"written {datetime.now(timezone.utc).isoformat(timespec='seconds')}. "
+             f"{sum(r['status'] == 'ok' for r in rows)} ok, {sum(r['status'] == 'failed' for r in rows)} failed, "
+             f"{sum(r['status'] == 'pending' for r in rows)} pending.", "",
+             "| set | status | this run | runs | duration (s) | figures | parameters that vary | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        params = json.loads(row["parameters"])
+        shown = {k: params[k] for k in varying if k in params}
+        duration = "" if row.get("duration_s") is None else f"{row['duration_s']:.1f}"
+        lines.append(f"| {_md_cell(row['set'])} | {row['status']} | {row['action']} | {row.get('runs') or 0} | {duration} "
+                     f"| {len(row.get('figures') or [])} | {_md_cell(json.dumps(shown, default=str))} | {_md_cell(row.get('error'))} |")
+    shared = {k: v for k, v in (sweep.sets[0].parameters.items() if sweep.sets else []) if k not in varying}
+    if shared:
+        lines += ["", f"Shared parameters: `{json.dumps(shared, default=str)}`"]
+    tmp_md = sweep.out_dir / ".index.md.tmp"
+    tmp_md.write_text("\n".join(lines) + "\n")
+    tmp_md.replace(sweep.out_dir / "index.md")
+    return frame
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: Path | str | None = None) -> pl.DataFrame:
+    """Run every set of the sweep file that needs running; return the index (one row per set)."""
+    sweep = load_sweep(path, out_dir=out_dir)  # all validation happens here, before any kernel starts
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_index(sweep.out_dir)
+    rows: dict[str, dict] = {}
+    todo: list[ParameterSet] = []
+    for ps in sweep.sets:
+        output = sweep.out_dir / f"{ps.name}.ipynb"
+        old = previous.get(ps.name)
+        base = {"set": ps.name, "param_hash": ps.param_hash, "notebook": str(output),
+                "parameters": json.dumps(ps.parameters, sort_keys=True, default=str),
+                "runs": (old or {}).get("runs") or 0}
+        if (not force and old and old["status"] == "ok" and old["param_hash"] == ps.param_hash and output.exists()):
+            rows[ps.name] = {**old, **base, "action": "skipped"}
+        else:
+            rows[ps.name] = {**base, "status": "pending", "action": "pending", "figures": []}
+            todo.append(ps)
+
+    n_skip = len(sweep.sets) - len(todo)
+    _log(f"[batch] sweep {sweep.name}: {len(sweep.sets)} sets of {sweep.notebook.name}, {len(todo)} to run"
+         + (f", {n_skip} already ok (skipped)" if n_skip else "") + f", {max(1, workers)} worker(s); out: {sweep.out_dir}")
+    for ps in sweep.sets:
+        if rows[ps.name]["action"] == "skipped":
+            _log(f"[batch]   skip {ps.name} (ok with the same parameters)")
+    write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+
+    jobs = [{
+        "set": ps.name, "notebook": str(sweep.notebook), "output": str(sweep.out_dir / f"{ps.name}.ipynb"),
+        "parameters": ps.parameters, "cwd": str(sweep.notebook.parent), "kernel": sweep.kernel,
+        "timeout": sweep.timeout, "figure_log": str(sweep.out_dir / f".{ps.name}.figures"),
+        "figure_subdir": f"{sweep.name}/{ps.name}" if sweep.separate_figures else "",
+    } for ps in todo]
+    if jobs:
+        # spawn: a fresh interpreter per set, so its environment (figure routing) and kernel are its own
+        context = multiprocessing.get_context("spawn")
+        done = 0
+        pool_options = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+        with cf.ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context,
+                                    **pool_options) as pool:
+            futures = {}
+            for job in jobs:
+                futures[pool.submit(_execute, job)] = job
+                _log(f"[batch]   queue {job['set']}")
+            try:
+                for future in cf.as_completed(futures):
+                    job = futures[future]
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # the worker process itself died
+                        result = {"set": job["set"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                  "figures": [], "started": None, "duration_s": None, "error_cell": None}
+                    done += 1
+                    row = rows[job["set"]]
+                    row.update(result, action="ran", runs=(row.get("runs") or 0) + 1)
+                    tail = f"{len(row['figures'])} figure files" if row["status"] == "ok" else _md_cell(row["error"], 200)
+                    _log(f"[batch] {done}/{len(jobs)} {job['set']}: {row['status']} in {row['duration_s'] or 0:.1f} s; {tail}")
+                    write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    frame = write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+    n_ok = frame.filter(pl.col("status") == "ok").height
+    _log(f"[batch] sweep {sweep.name}: {n_ok}/{frame.height} ok; index: {sweep.out_dir / 'index.md'}")
+    return frame
+
+
+def describe(path: Path | str) -> str:
+    """The sets a sweep file expands to, one line each (validates without running anything)."""
+    sweep = load_sweep(path)
+    lines = [f"{sweep.name}: {len(sweep.sets)} sets of {sweep.notebook.name} -> {sweep.out_dir}"]
+    lines += [f"  {ps.name}: {json.dumps(ps.parameters, default=str)}" for ps in sweep.sets]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m thinklab.batch SWEEP...: validate and list the sets
+    for arg in sys.argv[1:]:
+        print(describe(arg))
