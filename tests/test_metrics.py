@@ -286,3 +286,18 @@ def test_paired_bootstrap_joins_on_problem_sample_seed():
     assert 0 < out["ci_low"].item() <= out["delta"].item() <= out["ci_high"].item()
     same = metrics.paired_bootstrap(a, a, n_boot=200)
     assert same["delta"].item() == 0.0 and same["ci_low"].item() == 0.0 and same["ci_high"].item() == 0.0
+
+
+def test_maj_at_k_arrays_shortcuts_agree_with_the_exact_sum():
+    # k = 1 and k = n are counted directly, the rest by the exact sum; ks need not be sorted
+    sizes = np.array([[3, 2, 1, 0], [2, 2, 2, 1], [5, 0, 0, 0], [3, 3, 0, 0]])
+    correct = np.array([[False, True, False, False], [True, False, True, False], [True, False, False, False],
+                        [True, False, False, False]])
+    n = np.array([7, 8, 5, 6])
+    ks = np.array([5, 1, 3, 8, 2, 6])
+    groups = metrics.VoteGroups(sizes, correct, n, pl.DataFrame())
+    *fast, method = metrics.maj_at_k_arrays(groups, ks)
+    assert method == "exact"
+    for got, want in zip(fast, metrics.maj_at_k_exact(sizes, correct, n, ks)):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    assert fast[0][3, list(ks).index(6)] == 0.5 and fast[2][3, list(ks).index(6)] == 1.0  # 3-3 tie at k = n

@@ -376,7 +376,8 @@ def maj_at_k_arrays(groups: VoteGroups, ks, *, method: str = "auto", n_draws: in
     inverse = inverse.reshape(-1)
     width = groups.sizes.shape[1]
     n, sizes, correct = unique[:, 0], unique[:, 1 : 1 + width], unique[:, 1 + width :].astype(bool)
-    partial = ks[(ks[None, :] < n[:, None]).any(0)]  # the ks that leave something out somewhere
+    # the ks that leave something out somewhere; k = 1 and k = n are counted directly
+    partial = np.unique(ks[(ks[None, :] < n[:, None]).any(0) & (ks > 1)])
     if method == "auto":
         feasible = n.max() <= EXACT_MAX_N and (
             len(partial) == 0 or _exact_plan(sizes, correct, n, partial)[-1] <= EXACT_MAX_WORK
@@ -389,7 +390,14 @@ def maj_at_k_arrays(groups: VoteGroups, ks, *, method: str = "auto", n_draws: in
         else:
             rng = np.random.default_rng(seed)
             part = maj_at_k_monte_carlo(sizes, correct, n, partial, n_draws=n_draws, rng=rng)
-        result[:, :, np.searchsorted(ks, partial)] = np.stack(part)
+        wanted = np.isin(ks, partial)
+        result[:, :, wanted] = np.stack(part)[:, :, np.searchsorted(partial, ks[wanted])]
+    one = ks == 1  # one vote: right iff the drawn sample is right
+    if one.any():
+        share = ((sizes * correct).sum(1) / np.maximum(n, 1))[:, None]
+        result[0][:, one] = share
+        result[1][:, one] = share
+        result[2][:, one] = 0.0
     full = ks[None, :] == n[:, None]  # (cells, ks)
     if full.any():
         whole = np.stack(_full_vote(sizes, correct))  # (3, cells)
