@@ -11,6 +11,7 @@ Backends are cached: a notebook that runs many conditions on one model loads it 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def run(
     with store.lock():
         if store.meta_path.is_file():
             meta = store.read_meta()
-            if meta["spec"] != spec.to_dict():
+            if meta["spec"] != json.loads(json.dumps(spec.to_dict())):
                 raise RuntimeError(f"{store.dir} holds a different spec than its id says; remove it and rerun")
         else:
             # A chunk is about one batch of samples; fixed here so that resuming cuts the same chunks.
