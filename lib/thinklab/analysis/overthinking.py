@@ -117,11 +117,12 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
     def nullable(values: np.ndarray, present: np.ndarray) -> pl.Series:
         return pl.Series(np.where(present, values, 0.0)).set(pl.Series(~present), None)
 
+    profile_series = pl.Series(profile.reshape(len(lengths), n_bins), dtype=pl.Array(pl.Float32, n_bins))
     return df.with_columns(
         mean_entropy=nullable(mean_all, lengths > 0),
         mean_entropy_thinking=nullable(mean_think, n_think > 0),
         mean_entropy_answer=nullable(mean_answer, n_answer > 0),
-        **{_profile_column(phase): pl.Series(profile.reshape(len(lengths), n_bins), dtype=pl.Array(pl.Float32, n_bins))},
+        **{_profile_column(phase): profile_series},
     )
 
 
