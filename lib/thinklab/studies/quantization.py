@@ -64,8 +64,7 @@ def check(specs: Sequence[RunSpec], device: str | None = None) -> None:
 
 def run(specs: Sequence[RunSpec], progress: bool = True, **run_options) -> pl.DataFrame:
     """Check every format, then run (or load) every condition; one long sample table."""
-    check(specs, run_options.get("device"))
-    run_options.pop("device", None)
+    check(specs)
     return ana.with_format(run_conditions(specs, progress=progress, **run_options))
 
 
@@ -86,11 +85,15 @@ def reports(specs: Sequence[RunSpec], runs_root=None) -> pl.DataFrame:
             "share_low_precision_blocks": rep.get("share_low_precision_blocks"),
             "storage_dtypes": ", ".join(f"{k}: {v}" for k, v in (rep.get("linear_storage_dtypes") or {}).items()),
             "bits_per_block_weight": rep.get("bits_per_block_weight"),
-            "memory_mb_before": (rep.get("memory_bytes_before") or 0) / 1e6 or None,
-            "memory_mb_after": (rep.get("memory_bytes_after") or 0) / 1e6 or None,
+            "memory_mb_before": _mb(rep.get("memory_bytes_before")),
+            "memory_mb_after": _mb(rep.get("memory_bytes_after")),
             "memory_ratio": rep.get("memory_ratio"),
         })
     return pl.DataFrame(rows, schema_overrides={"memory_mb_before": pl.Float64, "memory_mb_after": pl.Float64})
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else round(n / 1e6, 1)
 
 
 def _pair(df: pl.DataFrame, fmt: str | None) -> pl.DataFrame:
