@@ -162,7 +162,7 @@ def test_overthinking_sweep_with_a_bad_task(isolated):
     """The real study notebook at tiny sizes: the bad set fails inside the notebook, the good one completes."""
     sweep = _sweep(isolated, {
         "notebook": str(ROOT / "notebooks" / "01_overthinking.ipynb"),
-        "parameters": {"n_problems": 1, "n_samples": 1, "budgets": [8], "max_tokens": 16, "answer_budget": 8,
+        "parameters": {"n_problems": 1, "n_samples": 1, "budgets": [8, None], "max_tokens": 16, "answer_budget": 8,
                        "formats": ["html"]},
         "sets": [{"name": "tiny"}, {"name": "bad_task", "tasks": ["rg:no_such_task"]}],
     }, "overthinking_tiny")
