@@ -17,6 +17,9 @@ STAMP  := $(VENV)/.thinklab-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# Idle OpenMP threads sleep instead of spinning: with more busy threads than cores (a sweep
+# with several workers, a shared box) spinning made a small matmul 20x slower here.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install models demo test test-fast bench browser clean-runs help
 help:

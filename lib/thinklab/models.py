@@ -237,6 +237,12 @@ def _dir_fingerprint(directory: Path) -> str:
 def resolve(name: str, materialize_missing: bool = True) -> ResolvedModel:
     """Map a model name (embedded name or alias, local dir, hub id) to loadable weights."""
     cname = canonical_name(name)
+    from thinklab import moe  # registers the offline MoE model class; names its models
+
+    if cname in moe.OFFLINE:
+        directory = moe.materialize(cname) if materialize_missing else moe.offline_dir(cname)
+        manifest = check_materialized(directory)
+        return ResolvedModel(cname, str(directory), True, str(manifest.get("base_fingerprint", manifest.get("name", cname)))[:16])
     if cname in EMBEDDED:
         directory = model_dir(cname)
         if not directory.exists() and materialize_missing:
@@ -251,7 +257,7 @@ def resolve(name: str, materialize_missing: bool = True) -> ResolvedModel:
     if "/" in name and not name.startswith(("/", ".")):
         return ResolvedModel(name, name, False, f"hub:{name}")
     raise ModelError(
-        f"unknown model {name!r}: not an embedded model ({', '.join([*EMBEDDED, *ALIASES])}), "
+        f"unknown model {name!r}: not an embedded model ({', '.join([*EMBEDDED, *ALIASES, *moe.OFFLINE])}), "
         "not an existing directory, and not a hub id of the form org/name"
     )
 

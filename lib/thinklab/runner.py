@@ -10,6 +10,7 @@ Backends are cached: a notebook that runs many conditions on one model loads it 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import platform
@@ -34,6 +35,12 @@ def get_backend(spec: ModelSpec, **options) -> Backend:
     """The loaded backend for `spec`, loading it once; a different model replaces the cached one."""
     if spec not in _BACKENDS:
         for old in list(_BACKENDS):
+            backend = _BACKENDS[old]
+            if (old.backend == spec.backend == "hf" and not options
+                    and dataclasses.replace(old, moe_top_k=None) == dataclasses.replace(spec, moe_top_k=None)):
+                backend.set_moe_top_k(spec.moe_top_k)  # same weights, another number of active experts
+                _BACKENDS[spec] = _BACKENDS.pop(old)
+                return backend
             _BACKENDS.pop(old).close()
         _BACKENDS[spec] = load_backend(spec, **options)
     return _BACKENDS[spec]
@@ -149,15 +156,21 @@ def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bo
     traces = generate_traces(
         backend, [ids[pi] for pi, _ in flat], seeds, spec.sampling, spec.budget, markers, progress=progress
     )
-    rows = []
-    for (pi, s), seed, tr in zip(flat, seeds, traces):
-        p = problems[pi]
+    n_thinks = []
+    texts_out = []
+    for tr in traces:
         text = tok.decode(tr.token_ids, skip_special_tokens=True)
-        thinking, answer = split_text(text, markers)
+        texts_out.append(text)
         if tr.n_thinking_tokens is not None:
-            n_think = tr.n_thinking_tokens
+            n_thinks.append(tr.n_thinking_tokens)
         else:
-            n_think = tokens_before_char(tok, tr.token_ids, boundary_char(text, markers))
+            n_thinks.append(tokens_before_char(tok, tr.token_ids, boundary_char(text, markers)))
+    routing = _routing_columns(backend, [ids[pi] for pi, _ in flat], traces, n_thinks)
+    rows = []
+    for j, ((pi, s), seed, tr) in enumerate(zip(flat, seeds, traces)):
+        p = problems[pi]
+        text, n_think = texts_out[j], n_thinks[j]
+        thinking, answer = split_text(text, markers)
         g = grading.grade(text, p.gold, p.task)
         meta = p.meta
         level = meta.get("level")
@@ -193,5 +206,23 @@ def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bo
             "subject": meta.get("subject"),
             "extractor": g.extractor,
             "grader_version": grading.GRADER_VERSION,
+            **routing[j],
         })
     return rows_to_frame(rows)
+
+
+def _routing_columns(backend: Backend, prompt_ids, traces, n_thinks) -> list[dict]:
+    """Expert load and router entropy per sample for MoE models on the hf backend; else empty."""
+    from thinklab import moe
+
+    model = getattr(backend, "model", None)
+    if model is None or not moe.is_moe(model):
+        return [{} for _ in traces]
+    stats = moe.routing_stats(
+        model, prompt_ids, [t.token_ids for t in traces], n_thinks,
+        token_entropy=[t.token_entropy for t in traces], pad_id=getattr(backend, "pad_id", 0),
+    )
+    nan_to_none = lambda v: None if v is None or v != v else v  # noqa: E731
+    return [{"expert_load": st.get("expert_load"),
+             "router_entropy_thinking": nan_to_none(st.get("router_entropy_thinking")),
+             "router_entropy_answer": nan_to_none(st.get("router_entropy_answer"))} for st in stats]

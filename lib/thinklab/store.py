@@ -54,6 +54,10 @@ SCHEMA: dict[str, pl.DataType] = {
     "subject": pl.Utf8,
     "extractor": pl.Utf8,
     "grader_version": pl.Utf8,
+    # mixture-of-experts runs only (null otherwise): per layer, tokens routed to each expert
+    "expert_load": pl.List(pl.List(pl.Int32)),
+    "router_entropy_thinking": pl.Float32,
+    "router_entropy_answer": pl.Float32,
 }
 REQUIRED = tuple(list(SCHEMA)[: list(SCHEMA).index("correct") + 1])
 RUN_JSON = "run.json"

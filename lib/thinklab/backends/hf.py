@@ -17,6 +17,7 @@ This module knows nothing about tasks, prompts' meaning, budgets or storage.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Sequence
@@ -71,6 +72,8 @@ class HFBackend(Backend):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from thinklab import moe  # noqa: F401  (registers the offline MoE model class)
+
         self.resolved = models.resolve(spec.name)
         self.device = torch.device(device) if device else pick_device()
         self.dtype = resolve_dtype(spec.dtype, self.device)
@@ -84,12 +87,25 @@ class HFBackend(Backend):
             from thinklab import quantization
 
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
+        self._native_top_k: dict | None = None
         if spec.moe_top_k is not None:
-            from thinklab import moe
-
-            moe.set_top_k(self.model, spec.moe_top_k)
+            self.set_moe_top_k(spec.moe_top_k)
         self.eos_ids = self._eos_ids()
         self.pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def set_moe_top_k(self, k: int | None) -> None:
+        """Route each token to k experts (None: the checkpoint's own number); refuses dense models."""
+        from thinklab import moe
+
+        if k is None:
+            if self._native_top_k is not None:
+                moe._restore_top_k(self.model, self._native_top_k)
+                self._native_top_k = None
+        else:
+            previous = moe.set_top_k(self.model, k)
+            if self._native_top_k is None:
+                self._native_top_k = previous
+        self.spec = dataclasses.replace(self.spec, moe_top_k=k)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
