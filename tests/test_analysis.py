@@ -359,3 +359,21 @@ def test_all_frames_on_a_synthetic_table(synth):
     assert (maj["maj_at_k_strict"] <= maj["maj_at_k"] + 1e-12).all()
     per_problem = metrics.pass_at_k_table(synth, [6], ["temperature", "thinking_budget"])
     assert per_problem["pass_at_k"].is_in([0.0, 1.0]).all()  # k = n: solved or not
+
+
+def test_trace_stats_leave_forced_nan_tokens_out():
+    """Forced tokens (budget cue, "Wait") carry NaN entropy; means are over sampled tokens only."""
+    from thinklab.analysis.overthinking import with_trace_stats
+
+    nan = float("nan")
+    df = pl.DataFrame({
+        "token_entropy": [[1.0, 3.0, nan, nan, 2.0, 4.0], [nan, nan]],
+        "n_thinking_tokens": [2, 1],
+    }, schema={"token_entropy": pl.List(pl.Float32), "n_thinking_tokens": pl.Int64})
+    out = with_trace_stats(df, n_bins=3)
+    assert out["mean_entropy"].to_list()[0] == pytest.approx(2.5)
+    assert out["mean_entropy_thinking"].to_list()[0] == pytest.approx(2.0)
+    assert out["mean_entropy_answer"].to_list()[0] == pytest.approx(3.0)
+    assert out["mean_entropy"].to_list()[1] is None
+    profile = out["entropy_profile"].to_list()[0]
+    assert profile[0] == pytest.approx(2.0) and profile[1] != profile[1] and profile[2] == pytest.approx(3.0)

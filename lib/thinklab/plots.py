@@ -90,7 +90,9 @@ def export(
             if not _start_kaleido():
                 warnings.warn(f"{fmt.upper()} skipped for {base}: {_STATIC_DISABLED_REASON}", stacklevel=2)
                 continue
-            fig.write_image(path, format=fmt, width=width, height=height)
+            with warnings.catch_warnings():  # plotly warns that kaleido's server ignores per-call options
+                warnings.simplefilter("ignore", UserWarning)
+                fig.write_image(path, format=fmt, width=width, height=height)
             written.append(path)
         else:
             raise ValueError(f"format {fmt!r} is not valid; choose from html, png, svg, pdf")

@@ -93,7 +93,9 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
     j = np.arange(n_bins + 1)
     edges = (j[None, :] * span[:, None] + n_bins - 1) // n_bins  # (samples, n_bins + 1): ceil(j n / B)
     phase_sums = np.zeros((len(lengths), 2))
+    phase_counts = np.zeros((len(lengths), 2))
     slice_sums = np.zeros((len(lengths), n_bins))
+    slice_counts = np.zeros((len(lengths), n_bins))
     row = 0
     # chunk by chunk, so each chunk's values are a zero-copy view (no rechunk of the whole column)
     for chunk in entropy.get_chunks():
@@ -102,26 +104,36 @@ def with_trace_stats(df: pl.DataFrame, n_bins: int = 20, phase: str = "all") -> 
         flat = chunk.explode(empty_as_null=False, keep_nulls=False).to_numpy()  # (tokens in chunk,)
         if flat.dtype not in (np.float32, np.float64):
             flat = flat.astype(np.float64)
+        # Forced tokens (budget cues, "Wait") carry NaN: they were not sampled, so they are
+        # left out of every mean (sums over finite values, divided by their count).
+        finite = np.isfinite(flat)
+        has_nan = not finite.all()
+        if has_nan:
+            flat = np.where(finite, flat, 0.0)
         size = lengths[rows]
         starts = np.cumsum(size) - size
         bounds = np.append(np.stack([starts, starts + n_think[rows]], axis=1).reshape(-1), len(flat))
         phase_sums[rows] = _segment_sums(flat, bounds).reshape(-1, 2)
+        phase_counts[rows] = (_segment_sums(finite.astype(np.float64), bounds).reshape(-1, 2) if has_nan
+                              else np.stack([n_think[rows], n_answer[rows]], axis=1))
         bounds = np.append((starts[:, None] + edges[rows]).reshape(-1), len(flat))
         slice_sums[rows] = _segment_sums(flat, bounds).reshape(-1, n_bins + 1)[:, :n_bins]
+        slice_counts[rows] = (_segment_sums(finite.astype(np.float64), bounds).reshape(-1, n_bins + 1)[:, :n_bins]
+                              if has_nan else np.diff(edges[rows], axis=1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_all = phase_sums.sum(1) / lengths
-        mean_think = phase_sums[:, 0] / n_think
-        mean_answer = phase_sums[:, 1] / n_answer
-        profile = (slice_sums / np.diff(edges, axis=1)).astype(np.float32)  # (samples, n_bins)
+        mean_all = phase_sums.sum(1) / phase_counts.sum(1)
+        mean_think = phase_sums[:, 0] / phase_counts[:, 0]
+        mean_answer = phase_sums[:, 1] / phase_counts[:, 1]
+        profile = (slice_sums / slice_counts).astype(np.float32)  # (samples, n_bins)
 
     def nullable(values: np.ndarray, present: np.ndarray) -> pl.Series:
         return pl.Series(np.where(present, values, 0.0)).set(pl.Series(~present), None)
 
     profile_series = pl.Series(profile.reshape(len(lengths), n_bins), dtype=pl.Array(pl.Float32, n_bins))
     return df.with_columns(
-        mean_entropy=nullable(mean_all, lengths > 0),
-        mean_entropy_thinking=nullable(mean_think, n_think > 0),
-        mean_entropy_answer=nullable(mean_answer, n_answer > 0),
+        mean_entropy=nullable(mean_all, phase_counts.sum(1) > 0),
+        mean_entropy_thinking=nullable(mean_think, phase_counts[:, 0] > 0),
+        mean_entropy_answer=nullable(mean_answer, phase_counts[:, 1] > 0),
         **{_profile_column(phase): profile_series},
     )
 
