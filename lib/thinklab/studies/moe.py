@@ -1,32 +1,28 @@
 """Study 4, MoE sparsity: accuracy, length and entropy as the active experts per token change.
 
 Conditions: one run per top-k over the same problems and seeds (`ModelSpec.moe_top_k`).
-After each run, the routing columns (`thinklab.moe.ROUTING_SCHEMA`: expert load per layer,
-router entropy per phase) are added from the model that generated it. Until the runner
-stores them itself, they are cached beside the run as `data/runs/<run_id>/routing.parquet`
-(written atomically; recomputed if it does not cover the run's rows). The vLLM backend
-exposes no router, so its tables carry no routing columns.
+The runner stores the routing columns of MoE runs on the hf backend (expert load per
+layer, router entropy per phase; see `thinklab.moe.routing_stats`); the vLLM backend
+exposes no router, so its rows leave them null.
 
 Frames are pure functions of the table; figures only read frames.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import plotly.express as px
 import plotly.graph_objects as go
 import polars as pl
 
-from thinklab import moe, runner
+from thinklab import moe
 from thinklab.analysis import overthinking as ot
 from thinklab.config import ModelSpec, RunSpec, SamplingSpec
 from thinklab.metrics import bootstrap_ci
 from thinklab.studies.common import run_conditions
 
 STUDY = "moe"
-ROUTING_FILE = "routing.parquet"
 ROUTING_COLUMNS = tuple(moe.ROUTING_SCHEMA)
 METRICS = {
     "correct": "accuracy",
@@ -48,8 +44,8 @@ def conditions(
     max_tokens: int = 128,
     seed: int = 0,
 ) -> list[RunSpec]:
-    """One RunSpec per top-k. An offline MoE name is built if missing and replaced by its directory."""
-    name = moe.model_name(model)
+    """One RunSpec per top-k (an offline MoE name is built on first use by `models.resolve`)."""
+    name = model
     n = 1 if temperature == 0 else n_samples  # greedy samples would all be equal
     return [
         RunSpec(
@@ -63,35 +59,9 @@ def conditions(
     ]
 
 
-def _routing_for(spec: RunSpec, table: pl.DataFrame, runs_root=None) -> pl.DataFrame | None:
-    path = runner.run_dir(spec, runs_root) / ROUTING_FILE
-    keys = ["run_id", "problem_id", "sample_idx"]
-    if path.is_file():
-        cached = pl.read_parquet(path)
-        if table.select(keys).join(cached.select(keys), on=keys, how="anti").is_empty():
-            return cached
-    backend = runner.get_backend(spec.model)
-    model = getattr(backend, "model", None)
-    if not moe.is_moe(model):
-        return None
-    frame = moe.routing_frame(model, backend.tokenizer, table)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
-    return frame
-
-
-def run(specs: Sequence[RunSpec], progress: bool = True, runs_root=None) -> pl.DataFrame:
-    """The sample table of every condition, with trace statistics and routing columns."""
-    frames = []
-    for spec in specs:
-        table = run_conditions([spec], progress=progress, **({"runs_root": runs_root} if runs_root else {}))
-        if spec.model.backend == "hf" and not set(ROUTING_COLUMNS) <= set(table.columns):
-            routing = _routing_for(spec, table, runs_root)
-            if routing is not None:
-                table = table.join(routing, on=["run_id", "problem_id", "sample_idx"], how="left")
-        frames.append(table)
-    return ot.with_trace_stats(pl.concat(frames, how="diagonal_relaxed"))
+def run(specs: Sequence[RunSpec], progress: bool = True, **run_options) -> pl.DataFrame:
+    """The sample table of every condition (the runner stores the routing columns), with trace statistics."""
+    return ot.with_trace_stats(run_conditions(specs, progress=progress, **run_options))
 
 
 # --------------------------------------------------------------------------- frames
