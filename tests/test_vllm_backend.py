@@ -186,3 +186,28 @@ def test_each_sample_is_reproducible_from_its_seed(vllm_backend, chat_prompts):
     # same tokens; values may move by ~1e-5 (batch shape and cached prefixes change fp32 reduction order)
     np.testing.assert_allclose(first[0].token_logprob, again[0].token_logprob, atol=1e-4)
     assert any(c.token_ids != first[0].token_ids for c in first[2:]), "three other seeds all gave the same 10 tokens"
+
+
+def test_same_spec_through_both_backends_and_budget_forcing(vllm_backend, fast_backend, tmp_path):
+    """backend="vllm" with no other change gives the same columns; a thinking budget caps vLLM traces too."""
+    import polars as pl
+
+    from thinklab import runner
+    from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
+
+    base = RunSpec(model=ModelSpec(name="default", backend="hf"), task="rg:basic_arithmetic", n_problems=3,
+                   sampling=SamplingSpec(temperature=0.0, n=1, max_tokens=40))
+    via_vllm = base.replace(**{"model.backend": "vllm"})
+    hf = runner.run(base, runs_root=tmp_path, backend=fast_backend, progress=False)
+    vl = runner.run(via_vllm, runs_root=tmp_path, backend=vllm_backend, progress=False)
+    assert hf.columns == vl.columns and hf.schema == vl.schema
+    assert vl["backend"].unique().to_list() == ["vllm"]
+    same = sum(a == b for a, b in zip(hf["token_ids"].to_list(), vl["token_ids"].to_list()))
+    assert same >= 2, f"greedy outputs agree on only {same}/3 problems"
+
+    budget = 10
+    capped = runner.run(via_vllm.replace(**{"budget.thinking_budget": budget, "budget.answer_budget": 12}),
+                        runs_root=tmp_path, backend=vllm_backend, progress=False)
+    assert capped["n_thinking_tokens"].max() <= budget
+    forced = capped.filter(pl.col("finish_reason") == "budget")
+    assert forced.height > 0 and all("Final answer: \\boxed{" in t for t in forced["answer_text"].to_list())
