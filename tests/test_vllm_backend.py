@@ -188,6 +188,8 @@ def test_each_sample_is_reproducible_from_its_seed(vllm_backend, chat_prompts):
     assert any(c.token_ids != first[0].token_ids for c in first[2:]), "three other seeds all gave the same 10 tokens"
 
 
+@pytest.mark.vllm
+@vllm_importable
 def test_same_spec_through_both_backends_and_budget_forcing(vllm_backend, fast_backend, tmp_path):
     """backend="vllm" with no other change gives the same columns; a thinking budget caps vLLM traces too."""
     import polars as pl
