@@ -211,3 +211,16 @@ def test_pairing_needs_the_same_seed(table):
     assert aq.paired(shifted, by=()).height == 4
     with pytest.raises(ValueError, match="baseline"):
         aq.deltas(table.filter(pl.col("quantization").is_not_null()), by=())
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_names_checked_against_installed_vllm():
+    pytest.importorskip("vllm")
+    assert quantization.check_vllm_quantization("fp8", "fp8") == {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    with pytest.raises(ValueError, match="transformers-backend"):
+        quantization.check_vllm_quantization("int8-wo")
+    with pytest.raises(ValueError, match="not a vLLM method"):
+        quantization.check_vllm_quantization("int3-magic")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        quantization.check_vllm_quantization(None, "fp9")
