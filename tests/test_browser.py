@@ -31,7 +31,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*_*.ipynb"))
-RUN_TIMEOUT_S = 900  # per notebook; a few minutes on an idle 2-core machine at these sizes
+RUN_TIMEOUT_S = float(os.environ.get("THINKLAB_BROWSER_TIMEOUT", 900))  # per notebook; minutes on an idle 2-core machine
 
 # Tiny sizes per notebook; a notebook not listed gets GENERIC, filtered to the names it has.
 TINY = {
@@ -41,6 +41,7 @@ TINY = {
                              "max_tokens": 16, "formats": ["html"]},
     "03_quantization.ipynb": {"n_problems": 2, "formats": ["int8-wo"], "max_tokens": 16, "n_boot": 50,
                               "figure_formats": ["html"]},
+    "04_moe_sparsity.ipynb": {"n_problems": 1, "top_k_values": [8, 16], "max_tokens": 16, "formats": ["html"]},
 }
 GENERIC = {"n_problems": 2, "n_samples": 2, "max_tokens": 16, "n_boot": 50, "figure_formats": ["html"]}
 WIDGET_CONTROLS = (".widget-dropdown, .widget-slider, .widget-hslider, .widget-select-multiple, .widget-select, "
@@ -63,6 +64,7 @@ def _api(base: str, token: str, path: str, method: str = "GET"):
 
 def _tiny_copy(source: Path, target: Path) -> None:
     import nbformat
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
     from thinklab.batch import notebook_parameters
@@ -71,7 +73,7 @@ def _tiny_copy(source: Path, target: Path) -> None:
     wanted = TINY.get(source.name, {k: v for k, v in GENERIC.items() if k in known})
     unknown = set(wanted) - set(known)
     assert not unknown, f"{source.name} no longer has parameters {unknown}; update TINY in {__file__}"
-    nb = parameterize_notebook(nbformat.read(str(source), as_version=4), wanted)
+    nb = parameterize_notebook(load_notebook_node(str(source)), wanted)
     nbformat.write(nb, str(target))
 
 
@@ -168,21 +170,39 @@ def _kernel_status(page) -> str:
         return e ? e.getAttribute('data-status') : 'missing'; }""")
 
 
-def _run_all_and_wait(page, timeout_s: float) -> list[str]:
-    """Run > Run All Cells, then wait until the kernel is idle with no cell queued or running."""
+def _accept_dialogs(page) -> bool:
+    """Accept any modal JupyterLab shows (e.g. "Select Kernel" for a notebook it has not seen)."""
+    dialogs = page.locator(".jp-Dialog .jp-mod-accept")
+    if dialogs.count() == 0:
+        return False
+    dialogs.first.click()
+    page.wait_for_timeout(1000)
+    return True
+
+
+def _run_all(page) -> None:
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+
+def _run_all_and_wait(page, timeout_s: float, shot: Path) -> list[str]:
+    """Run > Run All Cells, then wait until the kernel is idle with no cell queued or running."""
+    _run_all(page)
     deadline, stable = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
         time.sleep(2)
         prompts, status = _prompts(page), _kernel_status(page)
         started = any(p not in ("[ ]:", "") for p in prompts)
+        if not started and _accept_dialogs(page):  # a modal swallowed the click: run again
+            _run_all(page)
+            continue
         if started and status == "idle" and not any("*" in p for p in prompts):
             stable += 1
             if stable >= 3:  # idle over three polls: not just between two cells
                 return prompts
         else:
             stable = 0
+    page.screenshot(path=str(shot))
     raise AssertionError(f"Run All did not finish in {timeout_s:.0f} s; prompts {prompts}, kernel {status}")
 
 
@@ -190,12 +210,14 @@ def _run_all_and_wait(page, timeout_s: float) -> list[str]:
 def test_notebook_runs_in_jupyterlab(lab, browser, notebook, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(f"{lab['base']}/lab/tree/{notebook}?token={lab['token']}", timeout=120_000)
-        page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=120_000)
-        page.wait_for_selector(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']",
-                               timeout=120_000)  # the kernel has started
+        page.goto(f"{lab['base']}/lab/tree/{notebook}?reset&token={lab['token']}", timeout=120_000)
+        page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell", timeout=120_000)
+        page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator[data-status='idle']",
+                               timeout=180_000)  # the kernel has started
+        page.wait_for_timeout(3000)
+        _accept_dialogs(page)
         t0 = time.monotonic()
-        prompts = _run_all_and_wait(page, RUN_TIMEOUT_S)
+        prompts = _run_all_and_wait(page, RUN_TIMEOUT_S, tmp_path / f"{Path(notebook).stem}-timeout.png")
         elapsed = time.monotonic() - t0
         page.wait_for_timeout(2000)  # let the last plotly/widget views attach
         page.screenshot(path=str(tmp_path / f"{Path(notebook).stem}-end.png"))
