@@ -74,8 +74,12 @@ class HFBackend(Backend):
 
         from thinklab import moe  # noqa: F401  (registers the offline MoE model class)
 
-        self.resolved = models.resolve(spec.name)
         self.device = torch.device(device) if device else pick_device()
+        if spec.quantization:
+            from thinklab import quantization
+
+            quantization.check(spec.quantization, self.device)  # refuse before loading any weights
+        self.resolved = models.resolve(spec.name)
         self.dtype = resolve_dtype(spec.dtype, self.device)
         self.max_batch_size = max_batch_size
         kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
