@@ -215,8 +215,13 @@ def load_sweep(path: Path | str, out_dir: Path | str | None = None) -> Sweep:
 
 def _execute(job: dict) -> dict:
     """Run one set through papermill; never raises (a failure is a row with its error)."""
+    import logging
+
     import papermill as pm
 
+    # names were checked against the parameters cell already; papermill's own line parser
+    # misreads comments holding parentheses or quotes and would warn about known names
+    logging.getLogger("papermill").setLevel(logging.ERROR)
     figure_log = Path(job["figure_log"])
     figure_log.unlink(missing_ok=True)
     os.environ["THINKLAB_FIGURE_LOG"] = str(figure_log)
