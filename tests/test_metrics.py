@@ -301,3 +301,10 @@ def test_maj_at_k_arrays_shortcuts_agree_with_the_exact_sum():
     for got, want in zip(fast, metrics.maj_at_k_exact(sizes, correct, n, ks)):
         np.testing.assert_allclose(got, want, atol=1e-12)
     assert fast[0][3, list(ks).index(6)] == 0.5 and fast[2][3, list(ks).index(6)] == 1.0  # 3-3 tie at k = n
+
+
+def test_bootstrap_ci_of_an_all_null_metric_is_empty():
+    """A metric with no values at all (e.g. an answer phase no sample reached) gives no rows, not an error."""
+    df = pl.DataFrame({"problem_id": ["a", "b"], "v": [None, None]}, schema={"problem_id": pl.Utf8, "v": pl.Float64})
+    out = metrics.bootstrap_ci(df, "v", n_boot=50)
+    assert out.height == 0

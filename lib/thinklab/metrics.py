@@ -650,7 +650,7 @@ def bootstrap_ci(
         else:
             groups = groups.drop("literal")
         sizes = groups["n_clusters"].to_numpy()
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])[: len(sizes)].astype(np.int64)  # empty when no groups
         totals = per_cluster.select(batch).to_numpy().astype(np.float64)  # (clusters, V)
         counts = per_cluster["_count"].to_numpy().astype(np.float64)
         boot = _cluster_bootstrap(totals, counts, starts, n_boot, rng)  # (n_boot, groups, V)
@@ -665,7 +665,8 @@ def bootstrap_ci(
                 )
             )
     columns = [*by, *(["variable"] if len(values) > 1 else []), "estimate", "ci_low", "ci_high", "n", "n_clusters"]
-    return pl.concat([r.select(columns) for r in rows])
+    # a group whose values are all null has no clusters and so no estimate: leave it out
+    return pl.concat([r.select(columns) for r in rows]).filter(pl.col("n_clusters") > 0)
 
 
 def paired_bootstrap(
@@ -708,7 +709,7 @@ def paired_bootstrap(
     else:
         groups = groups.drop("literal")
     sizes = groups["n_clusters"].to_numpy()
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])[: len(sizes)].astype(np.int64)  # empty when no groups
     diff = (per_cluster["sum_b"] - per_cluster["sum_a"]).to_numpy()[:, None]
     count = per_cluster["count"].to_numpy().astype(np.float64)
     boot = _cluster_bootstrap(diff, count, starts, n_boot, np.random.default_rng(seed))[..., 0]
