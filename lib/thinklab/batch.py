@@ -226,6 +226,9 @@ def _execute(job: dict) -> dict:
     figure_log.unlink(missing_ok=True)
     os.environ["THINKLAB_FIGURE_LOG"] = str(figure_log)
     os.environ["THINKLAB_FIGURE_SUBDIR"] = job["figure_subdir"]
+    if job.get("threads"):
+        # several kernels at once: split the cores between them rather than oversubscribe
+        os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     status, error, error_cell = "ok", None, None
@@ -336,6 +339,7 @@ def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: 
         "parameters": ps.parameters, "cwd": str(sweep.notebook.parent), "kernel": sweep.kernel,
         "timeout": sweep.timeout, "figure_log": str(sweep.out_dir / f".{ps.name}.figures"),
         "figure_subdir": f"{sweep.name}/{ps.name}" if sweep.separate_figures else "",
+        "threads": max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None,
     } for ps in todo]
     if jobs:
         # spawn: a fresh interpreter per set, so its environment (figure routing) and kernel are its own
