@@ -12,7 +12,7 @@ import pytest
 from thinklab import tasks
 from thinklab.config import PromptSpec
 from thinklab.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION, build_prompt, plain_prompt
-from thinklab.tasks import Problem, TaskError, list_tasks, load_task, parse_task_name, worked_examples
+from thinklab.tasks import Problem, list_tasks, load_task, parse_task_name, worked_examples
 
 SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "aime25": 30, "amc23": 40}
 

@@ -195,7 +195,7 @@ def test_same_spec_through_both_backends_and_budget_forcing(vllm_backend, fast_b
     import polars as pl
 
     from thinklab import runner
-    from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
+    from thinklab.config import ModelSpec, RunSpec, SamplingSpec
 
     base = RunSpec(model=ModelSpec(name="default", backend="hf"), task="rg:basic_arithmetic", n_problems=3,
                    sampling=SamplingSpec(temperature=0.0, n=1, max_tokens=40))
