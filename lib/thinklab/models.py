@@ -24,6 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from thinklab import paths
 
@@ -167,61 +168,80 @@ def _assemble_gguf(model: EmbeddedModel, workdir: Path) -> tuple[Path, str]:
     return target, digest.hexdigest()
 
 
-def materialize(name: str, force: bool = False, progress: bool = True) -> Path:
-    """Convert an embedded model to a safetensors directory once; return the directory."""
-    cname = canonical_name(name)
-    if cname not in EMBEDDED:
-        raise ModelError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)} (aliases: {ALIASES})")
-    model = EMBEDDED[cname]
-    final = model_dir(cname)
-    with _lock(paths.models_dir() / f".{cname}.lock"):
-        if not force and final.exists():
-            check_materialized(final)  # raises with the fix when it is half-written
-            return final
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def build_once(name: str, build: Callable[[Path, Path], dict], force: bool = False, progress: bool = True) -> Path:
+    """Build `data/models/<name>/` once; return it. Shared by every model we convert or derive.
 
+    Under an exclusive lock: an existing directory is checked (a half-written one raises with
+    the fix) and returned; otherwise `build(out, work)` writes the model into `out` (scratch
+    space in `work`) and returns the manifest fields. The manifest, with every file's size,
+    is written last and the directory renamed into place, so a killed build never looks finished.
+    """
+    final = paths.models_dir() / name
+    with _lock(paths.models_dir() / f".{name}.lock"):
+        if not force and final.exists():
+            check_materialized(final)
+            return final
         t0 = time.time()
-        work = paths.models_dir() / f".tmp-{cname}-{os.getpid()}"
+        work = paths.models_dir() / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
-            gguf_path, sha = _assemble_gguf(model, work)
-            if progress:
-                print(f"[thinklab] materializing {cname} from {gguf_path.name} (sha256 {sha[:12]}…), once")
             out = work / "model"
-            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            lm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-            # transformers marks GGUF-loaded models as quantized and refuses to save them;
-            # the weights are already dequantized to float32, so drop that marker.
-            lm.hf_quantizer = None
-            if hasattr(lm.config, "quantization_config"):
-                del lm.config.quantization_config
-            lm.save_pretrained(out)
-            tok.save_pretrained(out)
-            files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-            versions = {}
-            for pkg in model.packages:
-                with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                    versions[_dist_name(pkg)] = importlib.metadata.version(_dist_name(pkg))
-            manifest = {
-                "name": cname,
-                "description": model.description,
-                "source_packages": versions,
-                "gguf_sha256": sha,
-                "files": files,
-                "converted_with": {"transformers": importlib.metadata.version("transformers")},
-                "seconds": round(time.time() - t0, 1),
-            }
+            manifest = {"name": name, **build(out, work)}
+            manifest["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+            manifest["seconds"] = round(time.time() - t0, 1)
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if final.exists():
                 shutil.rmtree(final)
             os.rename(out, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    if progress:
+        print(f"[thinklab] {name} ready at {final} ({time.time() - t0:.0f} s)")
+    return final
+
+
+def materialize(name: str, force: bool = False, progress: bool = True) -> Path:
+    """Convert an embedded model to a safetensors directory once; return the directory."""
+    cname = canonical_name(name)
+    if cname not in EMBEDDED:
+        raise ModelError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)} (aliases: {ALIASES})")
+    model = EMBEDDED[cname]
+
+    def convert(out: Path, work: Path) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_path, sha = _assemble_gguf(model, work)
         if progress:
-            print(f"[thinklab] {cname} ready at {final} ({time.time() - t0:.0f} s)")
-        return final
+            print(f"[thinklab] materializing {cname} from {gguf_path.name} (sha256 {sha[:12]}…), once")
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them;
+        # the weights are already dequantized to float32, so drop that marker.
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+        lm.save_pretrained(out)
+        tok.save_pretrained(out)
+        versions = {}
+        for pkg in model.packages:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                versions[_dist_name(pkg)] = importlib.metadata.version(_dist_name(pkg))
+        return {
+            "description": model.description,
+            "source_packages": versions,
+            "gguf_sha256": sha,
+            "fingerprint": sha[:16],
+            "converted_with": {"transformers": importlib.metadata.version("transformers")},
+        }
+
+    return build_once(cname, convert, force=force, progress=progress)
+
+
+def fingerprint(manifest: dict) -> str:
+    """What identifies a materialized model's weights (older manifests: the GGUF digest)."""
+    return manifest.get("fingerprint") or manifest["gguf_sha256"][:16]
 
 
 def _dir_fingerprint(directory: Path) -> str:
@@ -241,14 +261,12 @@ def resolve(name: str, materialize_missing: bool = True) -> ResolvedModel:
 
     if cname in moe.OFFLINE:
         directory = moe.materialize(cname) if materialize_missing else moe.offline_dir(cname)
-        manifest = check_materialized(directory)
-        return ResolvedModel(cname, str(directory), True, str(manifest.get("base_fingerprint", manifest.get("name", cname)))[:16])
+        return ResolvedModel(cname, str(directory), True, fingerprint(check_materialized(directory)))
     if cname in EMBEDDED:
         directory = model_dir(cname)
         if not directory.exists() and materialize_missing:
             materialize(cname)
-        manifest = check_materialized(directory)
-        return ResolvedModel(cname, str(directory), True, manifest["gguf_sha256"][:16])
+        return ResolvedModel(cname, str(directory), True, fingerprint(check_materialized(directory)))
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -27,12 +27,8 @@ This module knows nothing about tasks, prompts or storage.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -520,22 +516,6 @@ def moefy(dense, num_experts: int, top_k: int, seed: int = 0, base_name: str = "
     return moe_model.eval()
 
 
-MANIFEST = "thinklab_model.json"
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def offline_dir(name: str = DEFAULT_OFFLINE) -> Path:
     return paths.models_dir() / name
 
@@ -543,55 +523,36 @@ def offline_dir(name: str = DEFAULT_OFFLINE) -> Path:
 def materialize(name: str = DEFAULT_OFFLINE, force: bool = False, progress: bool = True) -> Path:
     """Build the offline MoE `name` once from its dense base; return its directory.
 
-    Same discipline as `thinklab.models`: built in a temporary sibling, manifest written
-    last, renamed into place, so a killed build never looks finished.
+    Same discipline as the embedded models (`thinklab.models.build_once`): built in a
+    temporary sibling, manifest written last, renamed into place.
     """
     from thinklab import models
 
     if name not in OFFLINE:
         raise MoEError(f"{name!r} is not an offline MoE; offline: {', '.join(OFFLINE)}")
     spec = OFFLINE[name]
-    final = offline_dir(name)
-    with _lock(paths.models_dir() / f".{name}.lock"):
-        if not force and final.exists():
-            models.check_materialized(final)
-            return final
+
+    def build(out: Path, work: Path) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        t0 = time.time()
         base = models.resolve(spec.base)
         if progress:
             print(f"[thinklab] building offline MoE {name} from {base.path}, once")
-        work = paths.models_dir() / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            dense = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-            moe_model = moefy(dense, spec.num_experts, spec.top_k, spec.seed, base_name=spec.base)
-            out = work / "model"
-            moe_model.save_pretrained(out)
-            AutoTokenizer.from_pretrained(base.path).save_pretrained(out)
-            manifest = {
-                "name": name,
-                "description": spec.description,
-                "built_from": {"name": base.name, "fingerprint": base.fingerprint},
-                "num_experts": spec.num_experts,
-                "default_top_k": spec.top_k,
-                "seed": spec.seed,
-                "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
-                "seconds": round(time.time() - t0, 1),
-            }
-            # the fingerprint `models.resolve` reads for embedded models; here, the base's plus the recipe
-            manifest["gguf_sha256"] = f"{base.fingerprint}-moe{spec.num_experts}-s{spec.seed}"
-            (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(out, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if progress:
-            print(f"[thinklab] {name} ready at {final} ({time.time() - t0:.0f} s)")
-        return final
+        dense = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        moe_model = moefy(dense, spec.num_experts, spec.top_k, spec.seed, base_name=spec.base)
+        moe_model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(base.path).save_pretrained(out)
+        return {
+            "description": spec.description,
+            "built_from": {"name": base.name, "fingerprint": base.fingerprint},
+            "num_experts": spec.num_experts,
+            "default_top_k": spec.top_k,
+            "seed": spec.seed,
+            # the base's weights plus the recipe identify this model
+            "fingerprint": f"{base.fingerprint}-moe{spec.num_experts}-s{spec.seed}",
+        }
+
+    return models.build_once(name, build, force=force, progress=progress)
 
 
 def model_name(name: str) -> str:
