@@ -3,8 +3,11 @@
 Measured in one run, on this machine:
   - copy bandwidth: bytes read + written per second copying a 512 MiB fp32 tensor;
   - matmul rate: fp32 FLOP/s of a 2048 x 2048 x 2048 matmul;
-  - decode tokens/s of the transformers backend at each batch size (greedy, EOS ignored
-    so every row decodes exactly --tokens tokens, tracing on).
+  - decode tokens/s of the transformers backend at each batch size (sampling at T=1, EOS
+    ignored so every row decodes exactly --tokens tokens, tracing on). Decode time is the
+    time of generate(N tokens) minus the best of two generate(1 token), so the prompt's
+    prefill is not counted against the per-step floor; the last column is tokens/s with
+    prefill included.
 The floor of one decode step at batch b is the larger of
   (bytes of weights read + bytes of KV cache read) / bandwidth   and   FLOPs / matmul rate,
 with FLOPs = 2 * b * (matmul parameters) + attention (4 * b * layers * context * kv width * group).
@@ -80,22 +83,27 @@ def main() -> None:
     bw, rate = copy_bandwidth(), matmul_rate()
     print(f"model={args.model} threads={torch.get_num_threads()} tokens/row={args.tokens}")
     print(f"measured ceilings: copy {bw / 1e9:.1f} GB/s (read+write), fp32 matmul {rate / 1e9:.1f} GFLOP/s")
-    print(f"{'batch':>6}{'tok/s':>10}{'floor tok/s':>13}{'of roofline':>13}{'bound':>8}")
+    print(f"{'batch':>6}{'tok/s':>10}{'floor tok/s':>13}{'of roofline':>13}{'bound':>8}{'with prefill':>16}")
     for b in args.batches:
         texts = [tok.apply_chat_template([{"role": "user", "content": f"Count from {i} to {i + 40}."}],
                                          add_generation_prompt=True, tokenize=False) for i in range(b)]
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         backend.max_batch_size = b
         backend.generate(prompts[:1], [0], SamplingSpec(temperature=0), 4, progress=False)  # warm-up
+        sampling = SamplingSpec(temperature=1.0)
+        # Decode time = (prefill + N tokens) - (prefill + 1 token): the floor is per decode step.
+        t_first = min(_timed(lambda: backend.generate(prompts, list(range(b)), sampling, 1, progress=False))
+                      for _ in range(2))
         t0 = time.perf_counter()
-        outs = backend.generate(prompts, list(range(b)), SamplingSpec(temperature=1.0), args.tokens, progress=False)
+        outs = backend.generate(prompts, list(range(b)), sampling, args.tokens, progress=False)
         dt = time.perf_counter() - t0
         n = sum(len(o.token_ids) for o in outs)
+        decode_tps = (n - b) / max(dt - t_first, 1e-9)
         ctx = sum(map(len, prompts)) / b + args.tokens / 2
-        floor = sum(step_floor(c, b, int(ctx), bw, rate) for _ in range(1)) * args.tokens
+        floor_tps = b / step_floor(c, b, int(ctx), bw, rate)
         kv_bytes = 2 * c["layers"] * b * ctx * c["kv_width"] * c["dtype_bytes"]
         bound = "memory" if (c["weight_bytes"] + kv_bytes) / bw > (2 * b * c["matmul_params"]) / rate else "compute"
-        print(f"{b:>6}{n / dt:>10.1f}{n / floor:>13.1f}{(n / dt) / (n / floor):>13.2f}{bound:>8}")
+        print(f"{b:>6}{decode_tps:>10.1f}{floor_tps:>13.1f}{decode_tps / floor_tps:>13.2f}{bound:>8}{n / dt:>16.1f}")
     backend.eos_ids = eos
 
 

@@ -56,7 +56,9 @@ def test_k_equal_to_num_experts_reproduces_the_dense_model(moe_backend, fast_bac
     with moe.top_k_override(moe_backend.model, moe.num_experts(moe_backend.model)):
         full = _logits(moe_backend.model, batch)
     mask = batch["attention_mask"].bool()
-    assert (full[mask] - dense[mask]).abs().max().item() < 1e-4
+    # Float rounding only: the MoE backend's linears run through oneDNN's prepacked GEMM,
+    # the dense reference through aten's, which round differently (~1e-6 relative).
+    assert (full[mask] - dense[mask]).abs().max().item() < 1e-5 * dense[mask].abs().max().item()
     # and fewer experts really change the model
     with moe.top_k_override(moe_backend.model, 4):
         sparse = _logits(moe_backend.model, batch)

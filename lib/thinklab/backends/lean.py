@@ -1,0 +1,230 @@
+"""A lean forward pass for llama-family checkpoints on CPU, used by the transformers backend.
+
+transformers' modules are written for every case at once: per layer a decode step runs
+about fifty small tensor operations (separate q/k/v projections, `repeat_kv` copies of the
+keys and values, a cache that grows by `torch.cat`, an RMSNorm spelled as six operations),
+and at batch 16 those cost as much as the matrix products themselves (profile in
+BENCHMARKS.md). This module runs the same weights with the same arithmetic in fewer,
+larger operations:
+
+  - every projection is a oneDNN GEMM against a weight packed once at load (the default
+    path repacks it on every call); q/k/v are one GEMM against their concatenation;
+  - residual adds, SiLU and the gate-times-up product run inside the GEMMs (oneDNN
+    post-ops) instead of as separate passes over the activations;
+  - RoPE is applied to queries and keys in one pass;
+  - keys and values are written into a preallocated cache (no `cat`) and attention reads
+    a view of it; grouped-query heads are folded into the query length, so nothing is
+    copied per head;
+  - RMSNorm is `F.rms_norm`.
+
+It reads the weights of a loaded transformers model and keeps its own packed copies
+(memory: about the size of the linear weights), and it uses the model's own rotary
+embedding module, so RoPE variants follow the checkpoint. It supports `llama` and `qwen2`
+configurations (SmolLM2, Llama, Qwen2/2.5) in float32 without quantization, sliding
+windows or MoE; `LeanDecoder.unsupported(model)` says why a model is not eligible, and
+the backend then uses the transformers forward. Logits agree with the transformers
+forward to float rounding (tests/test_lean.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+
+
+def _pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post: str = "none") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], "")
+
+
+def _linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """other + x @ W.T (+ bias), the sum taken inside the GEMM."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, "add")
+
+
+def _linear_mul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """other * (x @ W.T (+ bias)), the product taken inside the GEMM."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, "mul")
+
+
+def _bias(module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+
+
+def _cat_bias(modules, device) -> torch.Tensor | None:
+    if all(m.bias is None for m in modules):
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, device=device)
+                      for m in modules]).contiguous()
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+class KVCache:
+    """Preallocated keys and values, (batch, kv heads, capacity, head dim) per layer.
+
+    Every row holds the same number of positions (prompts are left-padded), so one length
+    serves the batch; padding is masked by the attention mask, not by the cache.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished rows leave the batch)."""
+        n = self.length
+        for i in range(len(self.k)):
+            k = self.k[i].new_empty((len(rows),) + self.k[i].shape[1:])
+            v = self.v[i].new_empty(k.shape)
+            k[:, :, :n] = self.k[i][rows, :, :n]
+            v[:, :, :n] = self.v[i][rows, :, :n]
+            self.k[i], self.v[i] = k, v
+
+
+class LeanDecoder:
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why this model cannot use the lean forward, or None if it can."""
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_TYPES:
+            return f"model_type {cfg.model_type!r} (lean forward supports {', '.join(SUPPORTED_TYPES)})"
+        if type(model).__name__ not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+            return f"model class {type(model).__name__}"
+        if not torch.backends.mkldnn.is_available():
+            return "oneDNN is not available in this torch build"
+        p = next(model.parameters())
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            return f"{p.dtype} on {p.device.type} (lean forward is for float32 on CPU)"
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            return f"hidden_act {cfg.hidden_act!r}"
+        if getattr(cfg, "use_sliding_window", False):
+            return "sliding-window attention"
+        if getattr(cfg, "quantization_config", None) is not None:
+            return "quantized weights"
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and type(m.weight.data) is not torch.Tensor:
+                return f"weights of type {type(m.weight.data).__name__}"
+        if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+            return "pretraining_tp > 1"
+        return None
+
+    def __init__(self, model, batch_hint: int = 16):
+        reason = self.unsupported(model)
+        if reason:
+            raise ValueError(f"lean forward cannot run this model: {reason}")
+        cfg = model.config
+        inner = model.model
+        self.device = next(model.parameters()).device
+        self.dtype = torch.float32
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden = cfg.hidden_size
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.embed = inner.embed_tokens.weight.detach()
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = _pack(model.lm_head.weight, batch_hint)
+        self.lm_head_bias = None if model.lm_head.bias is None else model.lm_head.bias.detach()
+        self.layers: list[_Layer] = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            self.layers.append(_Layer(
+                ln1=layer.input_layernorm.weight.detach(),
+                qkv=_pack(torch.cat([x.weight for x in qkv]), batch_hint),
+                qkv_bias=_cat_bias(qkv, self.device),
+                o=_pack(a.o_proj.weight, batch_hint),
+                o_bias=_bias(a.o_proj),
+                ln2=layer.post_attention_layernorm.weight.detach(),
+                gate=_pack(m.gate_proj.weight, batch_hint),
+                gate_bias=_bias(m.gate_proj),
+                up=_pack(m.up_proj.weight, batch_hint),
+                up_bias=_bias(m.up_proj),
+                down=_pack(m.down_proj.weight, batch_hint),
+                down_bias=_bias(m.down_proj),
+            ))
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, self.dtype, self.device)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+        """Logits of the last position of each row, (b, vocab).
+
+        input_ids, position_ids: (b, T), the T new positions of every row.
+        attention: (b, cache.length + T), 1 for real tokens, 0 for left padding.
+        """
+        b, T = input_ids.shape
+        n0, n = cache.length, cache.length + T
+        if n > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions; {n} were asked for")
+        H, nh, nkv, hd = self.hidden, self.n_heads, self.n_kv, self.head_dim
+        group = nh // nkv
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, position_ids)  # (b, T, hd)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (b, T, 1, hd): broadcast over heads
+        keep = attention[:, None, None, :n].bool()  # (b, 1, 1, n)
+        if T > 1:  # prefill: causal as well; a padding query sees itself so no row is all -inf
+            causal = torch.ones(T, n, dtype=torch.bool, device=x.device).tril(n0)
+            eye = torch.zeros(T, n, dtype=torch.bool, device=x.device)
+            eye[torch.arange(T), n0 + torch.arange(T)] = True
+            keep = (keep & causal) | eye
+        for i, L in enumerate(self.layers):
+            h = F.rms_norm(x, (H,), L.ln1, self.eps)
+            qkv = _linear(h, L.qkv, L.qkv_bias)
+            # RoPE on queries and keys at once: they are adjacent heads of the fused projection.
+            qk = qkv[..., : (nh + nkv) * hd].view(b, T, nh + nkv, hd)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q = qk[:, :, :nh].transpose(1, 2)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[:, :, n0:n] = qk[:, :, nh:].transpose(1, 2)
+            vc[:, :, n0:n] = qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2)
+            if T == 1:
+                # Grouped-query decode: the `group` query heads sharing a kv head become its queries.
+                out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), kc[:, :, :n], vc[:, :, :n],
+                                                     attn_mask=keep, scale=self.scale)
+                out = out.reshape(b, 1, nh * hd)
+            else:
+                out = F.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n], attn_mask=keep,
+                                                     scale=self.scale, enable_gqa=True)
+                out = out.transpose(1, 2).reshape(b, T, nh * hd)
+            # Residual adds, SiLU and the gating product run inside the GEMMs as oneDNN post-ops.
+            x = _linear_add(out, L.o, L.o_bias, x)
+            h = F.rms_norm(x, (H,), L.ln2, self.eps)
+            act = _linear_mul(h, L.up, L.up_bias, _linear(h, L.gate, L.gate_bias, "swish"))
+            x = _linear_add(act, L.down, L.down_bias, x)
+        cache.length = n
+        last = F.rms_norm(x[:, -1], (H,), self.norm, self.eps)
+        return _linear(last, self.lm_head, self.lm_head_bias)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

@@ -1,0 +1,140 @@
+"""The lean CPU forward computes what transformers computes, and the sampler draws from the
+distribution it is given."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from thinklab.backends.hf import sample_inverse_cdf
+from thinklab.backends.lean import LeanDecoder
+
+
+def _padded_batch(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.full((len(lengths), L), 0, dtype=torch.long)
+    att = torch.zeros((len(lengths), L), dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, L - n :] = torch.randint(3, vocab, (n,), generator=g)
+        att[r, L - n :] = 1
+    return ids, att
+
+
+def _compare_with_transformers(model, lengths, steps=6):
+    """Prefill a left-padded batch, then decode greedily; lean and transformers logits side by side."""
+    from transformers import DynamicCache
+
+    lean = LeanDecoder(model)
+    ids, att = _padded_batch(lengths, model.config.vocab_size)
+    pos = (att.cumsum(-1) - 1).clamp_min(0)
+    worst, scale = 0.0, 0.0
+    with torch.inference_mode():
+        cache = lean.new_cache(len(lengths), ids.shape[1] + steps)
+        mine = lean.forward(ids, pos, att, cache)
+        hf_cache = DynamicCache()
+        ref = model(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=hf_cache,
+                    use_cache=True).logits[:, -1]
+        nxt = pos[:, -1:] + 1
+        for _ in range(steps):
+            assert torch.isfinite(mine).all()
+            worst = max(worst, (mine - ref).abs().max().item())
+            scale = max(scale, ref.abs().max().item())
+            assert torch.equal(mine.argmax(-1), ref.argmax(-1))
+            tok = ref.argmax(-1)[:, None]
+            att = torch.cat([att, att.new_ones((len(lengths), 1))], 1)
+            mine = lean.forward(tok, nxt, att, cache)
+            ref = model(input_ids=tok, attention_mask=att, position_ids=nxt, past_key_values=hf_cache,
+                        use_cache=True).logits[:, -1]
+            nxt = nxt + 1
+    return worst, scale
+
+
+@pytest.mark.slow
+def test_lean_matches_transformers_on_the_embedded_model(fast_backend):
+    assert fast_backend.lean is not None, "the embedded llama-architecture model should take the lean path"
+    assert fast_backend.info.extra["forward"].startswith("lean")
+    worst, scale = _compare_with_transformers(fast_backend.model, [7, 19, 3, 19])
+    assert worst < 1e-3 * scale, f"max |lean - transformers| = {worst} (logits up to {scale})"
+
+
+def test_lean_matches_transformers_on_a_qwen2_with_biases_and_gqa():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                      tie_word_embeddings=False, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None  # the case fused biases must handle
+    for layer in model.model.layers:  # random non-zero biases so a dropped bias would show
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            lin.bias.data.normal_(0, 0.5)
+    worst, scale = _compare_with_transformers(model, [5, 11, 1])
+    assert worst < 1e-4 * max(scale, 1.0), f"max |lean - transformers| = {worst}"
+
+
+def test_lean_refuses_what_it_does_not_implement():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu")
+    model = LlamaForCausalLM(cfg).eval()
+    assert "hidden_act" in LeanDecoder.unsupported(model)
+    with pytest.raises(ValueError, match="hidden_act"):
+        LeanDecoder(model)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).to(torch.bfloat16)
+    assert "bfloat16" in LeanDecoder.unsupported(model)
+
+
+def test_kv_cache_select_keeps_the_chosen_rows():
+    from thinklab.backends.lean import KVCache
+
+    cache = KVCache(layers=2, batch=4, kv_heads=1, capacity=8, head_dim=2, dtype=torch.float32, device="cpu")
+    for i in range(2):
+        cache.k[i].copy_(torch.arange(4.0)[:, None, None, None].expand_as(cache.k[i]) + 10 * i)
+        cache.v[i].copy_(-cache.k[i])
+    cache.length = 5
+    cache.select(torch.tensor([3, 1]))
+    assert cache.k[1].shape[0] == 2
+    assert cache.k[1][:, 0, :5, 0].tolist() == [[13.0] * 5, [11.0] * 5]
+    assert cache.v[0][:, 0, :5, 1].tolist() == [[-3.0] * 5, [-1.0] * 5]
+
+
+def test_inverse_cdf_sampler_matches_the_distribution():
+    """Chi-square goodness of fit over 200k draws from a known distribution with zero-mass tokens,
+    with blocks small enough that the two-level search crosses many block boundaries."""
+    g = torch.Generator().manual_seed(1234)
+    V = 37
+    logits = torch.randn(1, V, generator=g) * 2
+    logits[0, ::5] = -math.inf
+    p = torch.softmax(logits, -1)
+    N = 200_000
+    u = torch.rand(N, generator=g, dtype=torch.float64)
+    toks = sample_inverse_cdf(p.expand(N, V).contiguous(), u, block=8)
+    counts = torch.bincount(toks, minlength=V).double()
+    assert counts[::5].sum() == 0, "a token with zero probability was drawn"
+    expected = N * p[0].double()
+    nz = expected > 0
+    chi2 = (((counts - expected) ** 2)[nz] / expected[nz]).sum().item()
+    dof = int(nz.sum()) - 1
+    # 99.9th percentile of chi-square with dof degrees of freedom (Wilson-Hilferty)
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, f"chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}"
+
+
+def test_inverse_cdf_sampler_edges():
+    p = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
+    lo = sample_inverse_cdf(p, torch.tensor([0.0], dtype=torch.float64), block=4)
+    hi = sample_inverse_cdf(p, torch.tensor([1.0 - 2**-53], dtype=torch.float64), block=4)
+    mid = sample_inverse_cdf(p, torch.tensor([0.2499], dtype=torch.float64), block=4)
+    after = sample_inverse_cdf(p, torch.tensor([0.2501], dtype=torch.float64), block=4)
+    assert (lo.item(), mid.item(), after.item(), hi.item()) == (1, 1, 3, 3)
+    # a point mass (what temperature near 0 looks like) always yields its token, whatever u
+    point = torch.zeros(3, 5000)
+    point[:, 4321] = 1.0
+    assert sample_inverse_cdf(point, torch.tensor([0.0, 0.5, 1.0 - 2**-53], dtype=torch.float64)).tolist() == [4321] * 3
