@@ -18,9 +18,9 @@ STAMP  := $(VENV)/.thinklab-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
-# Idle OpenMP threads sleep instead of spinning: with more busy threads than cores (a sweep
-# with several workers, a shared box) spinning made a small matmul 20x slower here.
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP's wait policy is left at its default (idle threads spin briefly, then sleep): here
+# that decodes as fast as ACTIVE, while PASSIVE made each decode GEMM ~1.5x slower. On a box
+# where other jobs keep every core busy, `export OMP_WAIT_POLICY=PASSIVE` (BENCHMARKS.md).
 
 .PHONY: install models demo sweep test test-fast bench browser clean-runs help
 help:

@@ -11,7 +11,8 @@ larger operations:
     path repacks it on every call); q/k/v are one GEMM against their concatenation;
   - residual adds, SiLU and the gate-times-up product run inside the GEMMs (oneDNN
     post-ops) instead of as separate passes over the activations;
-  - RoPE is applied to queries and keys in one pass;
+  - RoPE is one complex multiplication over queries and keys together (their head
+    features are stored pairwise interleaved, which leaves attention scores unchanged);
   - keys and values are written into a preallocated cache (no `cat`) and attention reads
     a view of it; grouped-query heads are folded into the query length, so nothing is
     copied per head;
@@ -158,8 +159,8 @@ class LeanDecoder:
             qkv = [a.q_proj, a.k_proj, a.v_proj]
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.detach(),
-                qkv=_pack(torch.cat([x.weight for x in qkv]), batch_hint),
-                qkv_bias=_cat_bias(qkv, self.device),
+                qkv=_pack(self._interleave_qk(torch.cat([x.weight for x in qkv])), batch_hint),
+                qkv_bias=None if (bias := _cat_bias(qkv, self.device)) is None else self._interleave_qk(bias),
                 o=_pack(a.o_proj.weight, batch_hint),
                 o_bias=_bias(a.o_proj),
                 ln2=layer.post_attention_layernorm.weight.detach(),
@@ -170,6 +171,17 @@ class LeanDecoder:
                 down=_pack(m.down_proj.weight, batch_hint),
                 down_bias=_bias(m.down_proj),
             ))
+
+    def _interleave_qk(self, w: torch.Tensor) -> torch.Tensor:
+        """Reorder each query and key head's output features from (first half, second half)
+        to interleaved pairs (0, hd/2, 1, hd/2 + 1, ...). RoPE rotates feature j with feature
+        j + hd/2; adjacent, each pair is one complex number and RoPE is one complex product.
+        Queries and keys are permuted alike, so their dot products (attention) are unchanged;
+        values are not touched."""
+        hd, nq = self.head_dim, self.n_heads + self.n_kv
+        order = torch.arange(hd).view(2, hd // 2).t().reshape(-1)  # 0, hd/2, 1, hd/2+1, ...
+        qk = w[: nq * hd].reshape(nq, hd, *w.shape[1:])[:, order].reshape(nq * hd, *w.shape[1:])
+        return torch.cat([qk, w[nq * hd :]]).contiguous()
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, self.dtype, self.device)
@@ -188,8 +200,9 @@ class LeanDecoder:
         H, nh, nkv, hd = self.hidden, self.n_heads, self.n_kv, self.head_dim
         group = nh // nkv
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(x, position_ids)  # (b, T, hd)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # (b, T, 1, hd): broadcast over heads
+        cos, sin = self.rotary(x, position_ids)  # (b, T, hd), the two halves equal
+        half = self.head_dim // 2
+        rot = torch.complex(cos[..., :half], sin[..., :half])[:, :, None]  # (b, T, 1, hd/2)
         keep = attention[:, None, None, :n].bool()  # (b, 1, 1, n)
         if T > 1:  # prefill: causal as well; a padding query sees itself so no row is all -inf
             causal = torch.ones(T, n, dtype=torch.bool, device=x.device).tril(n0)
@@ -200,8 +213,8 @@ class LeanDecoder:
             h = F.rms_norm(x, (H,), L.ln1, self.eps)
             qkv = _linear(h, L.qkv, L.qkv_bias)
             # RoPE on queries and keys at once: they are adjacent heads of the fused projection.
-            qk = qkv[..., : (nh + nkv) * hd].view(b, T, nh + nkv, hd)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qkv[..., : (nh + nkv) * hd].reshape(b, T, nh + nkv, hd // 2, 2)
+            qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(b, T, nh + nkv, hd)
             q = qk[:, :, :nh].transpose(1, 2)
             kc, vc = cache.k[i], cache.v[i]
             kc[:, :, n0:n] = qk[:, :, nh:].transpose(1, 2)
@@ -223,8 +236,3 @@ class LeanDecoder:
         cache.length = n
         last = F.rms_norm(x[:, -1], (H,), self.norm, self.eps)
         return _linear(last, self.lm_head, self.lm_head_bias)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
