@@ -1,15 +1,19 @@
 """Analysis speed: build every study frame from a synthetic table of 100k samples x ~1k tokens.
 
-    python benchmarks/analysis_speed.py [--problems 250] [--samples 25] [--tokens 950] [--repeat 3]
+    python benchmarks/analysis_speed.py [--problems 250] [--samples 25] [--tokens 980] [--repeat 3]
 
-The table (not timed) is `thinklab.synthetic.synthetic_samples` over a grid of 4
-temperatures x 4 thinking budgets (one of them uncapped) x problems x samples, with
+The table (not timed) is `thinklab.synthetic.synthetic_samples` over a grid that covers
+all four studies: 2 temperatures (0.6, 1.0) x 2 thinking budgets (1024, uncapped) x 2
+quantizations (baseline, int4-wo) x 2 MoE top-k (4 and 8 of 8 experts, with the routing
+columns) = 16 conditions x problems x samples (100,000 samples by default), with
 realistic text (~4 characters per token) so the marker scan reads what a real run would
-hold. The timed part is `thinklab.analysis.all_frames`: every overthinking and
-temperature frame, per-token statistics included. Prints each step's time (best of
---repeat runs of the whole set), the total, and the ratio to the 2-second target. The
-machine is shared, so it also prints the process CPU time of the best run and the load
-average: when other jobs crowd the cores, wall time overstates what the analysis needs.
+hold. The timed part is `thinklab.analysis.all_frames`: every overthinking, temperature,
+quantization and MoE frame, per-token statistics included (`thinklab.analysis` imports
+no torch or plotly, so there is no slow import to keep off the clock). Prints each step's
+time (best of --repeat runs of the whole set), the total, and the ratio to the 2-second
+target. The machine is shared, so it also prints the process CPU time of the best run and
+the load average: when other jobs crowd the cores, wall time overstates what the analysis
+needs.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=250)
     parser.add_argument("--samples", type=int, default=25, help="samples per problem per condition")
-    parser.add_argument("--tokens", type=float, default=1250.0,
-                        help="mean natural thinking tokens; the budgets cut this to ~1k tokens per sample")
+    parser.add_argument("--tokens", type=float, default=980.0,
+                        help="mean thinking tokens parameter; with the 1024 budget and answers, ~1k tokens per sample")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -41,8 +45,10 @@ def main() -> None:
     df = synthetic_samples(
         args.problems,
         args.samples,
-        temperatures=(0.4, 0.7, 1.0, 1.3),
-        thinking_budgets=(512, 1024, 2048, None),
+        temperatures=(0.6, 1.0),
+        thinking_budgets=(1024, None),
+        quantizations=(None, "int4-wo"),
+        moe_top_ks=(4, 8),
         mean_thinking_tokens=args.tokens,
         answer_tokens=(10, 60),
         seed=args.seed,

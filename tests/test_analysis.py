@@ -377,3 +377,213 @@ def test_trace_stats_leave_forced_nan_tokens_out():
     assert out["mean_entropy"].to_list()[1] is None
     profile = out["entropy_profile"].to_list()[0]
     assert profile[0] == pytest.approx(2.0) and profile[1] != profile[1] and profile[2] == pytest.approx(3.0)
+
+
+# --------------------------------------------------------------------------- quantization and MoE axes
+
+QUANT_FRAMES = {"quantization_paired", "quantization_deltas", "quantization_flip_matrix", "accuracy_by_format"}
+MOE_FRAMES = {"metrics_vs_k", "expert_load", "router_entropy_by_phase"}
+
+
+@pytest.fixture(scope="module")
+def four_axes() -> pl.DataFrame:
+    return synthetic_samples(10, 3, temperatures=(0.6, 1.0), thinking_budgets=(64, None),
+                             quantizations=(None, "int4-wo"), moe_top_ks=(4, 8), mean_thinking_tokens=80, seed=3)
+
+
+@pytest.fixture(scope="module")
+def four_axes_frames(four_axes) -> tuple[dict[str, pl.DataFrame], dict[str, float]]:
+    timings: dict[str, float] = {}
+    return all_frames(four_axes, n_boot=100, seed=1, timings=timings), timings
+
+
+def test_synthetic_quantization_and_moe_axes(four_axes):
+    from thinklab.store import SCHEMA
+
+    df = four_axes
+    assert df.height == 16 * 10 * 3
+    for name, dtype in df.schema.items():
+        assert SCHEMA[name] == dtype, name
+    assert df["run_id"].n_unique() == 16
+    keys = ["temperature", "thinking_budget", "moe_top_k", "problem_id", "sample_idx", "seed"]
+    base, quant = df.filter(pl.col("quantization").is_null()), df.filter(pl.col("quantization") == "int4-wo")
+    assert base.height == quant.height == df.height // 2
+    assert quant.join(base, on=keys, nulls_equal=True).height == quant.height  # every quantized row has its baseline
+    # each sampled token goes to moe_top_k distinct experts in every layer
+    load = np.array(df["expert_load"].to_list())  # (rows, layers, experts)
+    assert load.shape == (df.height, 8, 8)
+    k, n = df["moe_top_k"].to_numpy(), df["n_tokens"].to_numpy()
+    assert (load.sum(2) == (k * n)[:, None]).all()
+    assert (load.max(2) <= n[:, None]).all()
+    assert (load[k == 8] == n[k == 8, None, None]).all()  # k = E: every expert sees every token
+    thinking, answer = df["router_entropy_thinking"], df["router_entropy_answer"]
+    assert (thinking.drop_nulls() <= np.log(8) + 1e-6).all() and thinking.mean() > answer.mean()
+
+    # no MoE axis: the routing columns are absent; a null moe_top_k leaves them null
+    assert "expert_load" not in synthetic_samples(4, 2, quantizations=(None, "int8-wo")).columns
+    mixed = synthetic_samples(4, 2, moe_top_ks=(None, 2), num_experts=4, moe_layers=3)
+    dense = mixed.filter(pl.col("moe_top_k").is_null())
+    assert dense.height == 8 and dense["expert_load"].null_count() == 8
+    assert dense["router_entropy_thinking"].null_count() == 8
+    assert len(mixed.filter(pl.col("moe_top_k") == 2)["expert_load"][0]) == 3
+
+    # the axes move accuracy the way the studies look for
+    big = synthetic_samples(200, 4, quantizations=(None, "int4-wo"), moe_top_ks=(4, 8), mean_thinking_tokens=40,
+                            with_text=False, seed=5)
+    acc = big.group_by("quantization", "moe_top_k").agg(pl.col("correct").mean())
+    acc = {(q, k): a for q, k, a in acc.iter_rows()}
+    assert acc[("int4-wo", 8)] < acc[(None, 8)] and acc[(None, 4)] < acc[(None, 8)]
+
+    for bad, message in [({"quantizations": (None, "fancy")}, "'fancy'"), ({"moe_top_ks": (4, 9)}, r"\[9\]"),
+                         ({"quantizations": (None, None)}, "repeats")]:
+        with pytest.raises(ValueError, match=message):
+            synthetic_samples(2, 1, **bad)
+
+
+def test_all_frames_quantization_and_moe(four_axes, four_axes_frames):
+    df = four_axes
+    frames, timings = four_axes_frames
+    assert QUANT_FRAMES | MOE_FRAMES <= set(frames)
+    assert QUANT_FRAMES | MOE_FRAMES <= set(timings)
+    for name in QUANT_FRAMES | MOE_FRAMES:
+        assert frames[name].height > 0, name
+
+    # quantization: other conditions kept apart; deltas against a hand-paired computation
+    group = {"moe_top_k": 4, "temperature": 0.6, "thinking_budget": None}
+    keys = ["problem_id", "sample_idx", "seed"]
+    sub = df.filter(pl.col("moe_top_k") == 4, pl.col("temperature") == 0.6, pl.col("thinking_budget").is_null())
+    pairs = sub.filter(pl.col("quantization") == "int4-wo").join(
+        sub.filter(pl.col("quantization").is_null()), on=keys, suffix="_base"
+    )
+    assert pairs.height == 30
+    hand_accuracy = (pairs["correct"].cast(pl.Int8) - pairs["correct_base"].cast(pl.Int8)).mean()
+    hand_length = (pairs["n_tokens"] - pairs["n_tokens_base"]).mean()
+    deltas = frames["quantization_deltas"]
+    assert deltas.height == 8 * 3  # (moe_top_k, temperature, budget) x metric
+    row = deltas.filter(
+        pl.col("moe_top_k") == 4, pl.col("temperature") == 0.6, pl.col("thinking_budget").is_null(),
+        pl.col("format") == "int4-wo",
+    )
+    by_metric = {r["metric"]: r for r in row.iter_rows(named=True)}
+    assert by_metric["accuracy"]["delta"] == pytest.approx(hand_accuracy)
+    assert by_metric["length"]["delta"] == pytest.approx(hand_length)
+    assert by_metric["accuracy"]["n_pairs"] == 30
+    right_to_wrong = int((pairs["correct_base"] & ~pairs["correct"]).sum())
+    assert by_metric["accuracy"]["right_to_wrong"] == right_to_wrong
+    flips = frames["quantization_flip_matrix"].filter(
+        pl.col("moe_top_k") == 4, pl.col("temperature") == 0.6, pl.col("thinking_budget").is_null()
+    )
+    assert flips["n"].sum() == 30 and flips["share"].sum() == pytest.approx(1.0)
+    assert flips.filter(pl.col("baseline") == "right", pl.col("quantized") == "wrong")["n"].item() == right_to_wrong
+    assert frames["quantization_paired"].height == df.height // 2
+    by_format = frames["accuracy_by_format"]
+    assert by_format.height == 16 and set(by_format["format"]) == {"baseline", "int4-wo"}
+    assert set(group) <= set(by_format.columns)
+
+    # MoE: one row per k per metric in every other condition; expert shares sum to 1 per layer
+    from thinklab.analysis.moe import METRICS
+
+    others = ["quantization", "temperature", "thinking_budget"]
+    vs_k = frames["metrics_vs_k"]
+    assert vs_k.height == 8 * 2 * len(METRICS)
+    per_metric = vs_k.group_by(*others, "variable").agg(pl.col("moe_top_k").sort())
+    assert per_metric.height == 8 * len(METRICS)
+    assert all(ks == [4, 8] for ks in per_metric["moe_top_k"].to_list())
+    accuracy = vs_k.filter(pl.col("variable") == "correct").join(
+        df.group_by(*others, "moe_top_k").agg(pl.col("correct").mean().alias("hand")),
+        on=[*others, "moe_top_k"], nulls_equal=True,
+    )
+    assert accuracy["estimate"].to_list() == pytest.approx(accuracy["hand"].to_list())
+
+    load = frames["expert_load"]
+    assert load.height == 8 * 2 * 8 * 8  # conditions x k x layers x experts
+    shares = load.group_by(*others, "moe_top_k", "layer").agg(pl.col("share").sum(), pl.col("tokens").sum())
+    assert shares["share"].to_list() == pytest.approx([1.0] * shares.height)
+    routed = df.group_by(*others, "moe_top_k").agg(slots=pl.col("n_tokens").sum() * pl.col("moe_top_k").first())
+    routed = shares.join(routed, on=[*others, "moe_top_k"], nulls_equal=True)
+    assert (routed["tokens"] == routed["slots"]).all()  # every layer routes k slots per token
+
+    phases = frames["router_entropy_by_phase"]
+    assert phases.height == 8 * 2 * 2
+    one = phases.filter(pl.col("quantization") == "int4-wo", pl.col("temperature") == 1.0,
+                        pl.col("thinking_budget") == 64, pl.col("moe_top_k") == 8, pl.col("phase") == "thinking")
+    hand = df.filter(pl.col("quantization") == "int4-wo", pl.col("temperature") == 1.0,
+                     pl.col("thinking_budget") == 64, pl.col("moe_top_k") == 8)["router_entropy_thinking"].mean()
+    assert one["estimate"].item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_all_frames_leaves_out_studies_the_table_lacks(synth):
+    assert not (QUANT_FRAMES | MOE_FRAMES) & set(all_frames(synth, n_boot=20))
+    quant_only = synthetic_samples(6, 2, quantizations=(None, "int8-wo"), mean_thinking_tokens=40, seed=2)
+    frames = all_frames(quant_only, n_boot=20)
+    assert QUANT_FRAMES <= set(frames) and not MOE_FRAMES & set(frames)
+    assert frames["quantization_deltas"]["format"].unique().to_list() == ["int8-wo"]
+    no_baseline = synthetic_samples(6, 2, quantizations=("int8-wo", "int4-wo"), moe_top_ks=(4,),
+                                    mean_thinking_tokens=40, seed=2)
+    assert not (QUANT_FRAMES | MOE_FRAMES) & set(all_frames(no_baseline, n_boot=20))
+
+
+def _expert_load_reference(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """expert_load by summing the nested lists row by row, in plain Python."""
+    totals: dict[tuple, np.ndarray] = {}
+    for row in df.iter_rows(named=True):
+        if row["expert_load"] is None:
+            continue
+        key = tuple(row[c] for c in [*by, "moe_top_k"])
+        load = np.array(row["expert_load"], dtype=np.int64)
+        totals[key] = totals[key] + load if key in totals else load
+    rows = []
+    for key, load in totals.items():
+        for layer, counts in enumerate(load.tolist()):
+            for expert, tokens in enumerate(counts):
+                rows.append((*key, layer, expert, tokens, tokens / sum(counts)))
+    return pl.DataFrame(rows, schema=[*by, "moe_top_k", "layer", "expert", "tokens", "share"], orient="row")
+
+
+def test_expert_load_against_a_plain_python_sum():
+    from thinklab.analysis import moe
+
+    df = synthetic_samples(6, 3, temperatures=(0.6, 1.0), moe_top_ks=(None, 2, 4), num_experts=4, moe_layers=3,
+                           mean_thinking_tokens=30, with_text=False, seed=4)
+    df = df.sample(fraction=1.0, shuffle=True, seed=1)  # groups not in contiguous runs
+    assert df["expert_load"].null_count() == df.height // 3  # the dense rows
+    for by in ([], ["temperature"]):
+        keys = [*by, "moe_top_k", "layer", "expert"]
+        fast = moe.expert_load(df, by=by)
+        assert fast.columns == [*keys, "tokens", "share"]
+        assert fast.height == (len(by) + 1) * 2 * 3 * 4  # (temperatures) x k x layers x experts
+        assert fast.equals(fast.sort(keys))
+        reference = _expert_load_reference(df, by).sort(keys)
+        counts = [*keys, "tokens"]
+        assert fast.select(counts).equals(reference.select(counts).cast({c: fast.schema[c] for c in counts}))
+        assert fast["share"].to_list() == pytest.approx(reference["share"].to_list())
+    # the load array itself, row by row
+    routed = df.filter(pl.col("expert_load").is_not_null())
+    assert (moe.expert_load_array(routed["expert_load"]) == np.array(routed["expert_load"].to_list())).all()
+
+
+def test_expert_load_rejects_rows_of_another_shape():
+    from thinklab.analysis import moe
+
+    def table(*loads):
+        return pl.DataFrame({"moe_top_k": [2] * len(loads), "expert_load": list(loads)},
+                            schema_overrides={"expert_load": pl.List(pl.List(pl.Int32))})
+
+    same = table([[1, 2, 3], [3, 2, 1]], None, [[0, 1, 2], [2, 1, 0]])  # null rows are left out
+    assert moe.expert_load(same)["tokens"].to_list() == [1, 3, 5, 5, 3, 1]
+    with pytest.raises(ValueError, match=r"row 0 is 2 x 3 and row 1 is 2 x 4"):
+        moe.expert_load(table([[1, 2, 3], [3, 2, 1]], [[1, 2, 3, 4], [1, 2, 3, 4]]))
+    with pytest.raises(ValueError, match=r"row 0 is 2 x 3 and row 2 is 3 x 3 \(1 of 3 rows"):
+        moe.expert_load(table([[1, 2, 3], [3, 2, 1]], [[1, 2, 3], [3, 2, 1]], [[1, 2, 3]] * 3))
+    with pytest.raises(ValueError, match=r"row 1 is 2 layers of \[3, 2\] experts"):
+        moe.expert_load(table([[1, 2, 3], [3, 2, 1]], [[1, 2, 3], [3, 2]]))
+
+
+def test_analysis_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, thinklab.analysis, thinklab.analysis.moe; "
+            "print(sorted(m for m in ('torch', 'transformers', 'torchao', 'plotly') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

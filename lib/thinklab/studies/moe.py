@@ -5,7 +5,9 @@ The runner stores the routing columns of MoE runs on the hf backend (expert load
 layer, router entropy per phase; see `thinklab.moe.routing_stats`); the vLLM backend
 exposes no router, so its rows leave them null.
 
-Frames are pure functions of the table; figures only read frames.
+The frames (`metrics_vs_k`, `expert_load`, `router_entropy_by_phase`, `num_experts`,
+`METRICS`) live in `thinklab.analysis.moe`, which needs no torch, and are re-exported
+here; figures only read frames.
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ import polars as pl
 
 from thinklab import moe
 from thinklab.analysis import overthinking as ot
+from thinklab.analysis.moe import METRICS, expert_load, metrics_vs_k, num_experts, router_entropy_by_phase
 from thinklab.config import ModelSpec, RunSpec, SamplingSpec
-from thinklab.metrics import bootstrap_ci
 from thinklab.studies.common import run_conditions
 
 STUDY = "moe"
-ROUTING_COLUMNS = tuple(moe.ROUTING_SCHEMA)
-METRICS = {
-    "correct": "accuracy",
-    "n_tokens": "generated tokens",
-    "mean_entropy": "mean token entropy (nats)",
-    "router_entropy_thinking": "router entropy, thinking (nats)",
-    "router_entropy_answer": "router entropy, answer (nats)",
-}
+ROUTING_COLUMNS = tuple(moe.ROUTING_SCHEMA)  # = thinklab.analysis.moe.ROUTING_COLUMNS
+
+__all__ = [
+    "STUDY", "ROUTING_COLUMNS", "METRICS", "conditions", "run",
+    "num_experts", "metrics_vs_k", "expert_load", "router_entropy_by_phase",
+    "fig_metric_vs_k", "fig_expert_load", "fig_router_entropy_by_phase",
+]
 
 
 def conditions(
@@ -62,56 +63,6 @@ def conditions(
 def run(specs: Sequence[RunSpec], progress: bool = True, **run_options) -> pl.DataFrame:
     """The sample table of every condition (the runner stores the routing columns), with trace statistics."""
     return ot.with_trace_stats(run_conditions(specs, progress=progress, **run_options))
-
-
-# --------------------------------------------------------------------------- frames
-
-
-def num_experts(df: pl.DataFrame) -> int | None:
-    if "expert_load" not in df.columns or df.height == 0:
-        return None
-    first = df["expert_load"].drop_nulls()
-    return len(first[0][0]) if len(first) else None
-
-
-def metrics_vs_k(df: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> pl.DataFrame:
-    """Per top-k and metric (see METRICS): mean with a 95% bootstrap interval over problems."""
-    values = [m for m in METRICS if m in df.columns]
-    frame = df.with_columns(pl.col("correct").cast(pl.Float64), pl.col("n_tokens").cast(pl.Float64))
-    out = bootstrap_ci(frame, values, by=["moe_top_k"], n_boot=n_boot, seed=seed)
-    if len(values) == 1:
-        out = out.with_columns(variable=pl.lit(values[0]))
-    E = num_experts(df)
-    return out.with_columns(
-        metric=pl.col("variable").replace_strict(METRICS, default=pl.col("variable")),
-        active_fraction=(pl.col("moe_top_k") / E) if E else pl.lit(None, pl.Float64),
-    ).sort("variable", "moe_top_k")
-
-
-def expert_load(df: pl.DataFrame) -> pl.DataFrame:
-    """Long frame: moe_top_k, layer, expert, tokens, share (of the layer's routed tokens at that k)."""
-    rows = (
-        df.select("moe_top_k", pl.col("expert_load"))
-        .drop_nulls("expert_load")
-        .with_row_index("sample")
-        .explode("expert_load")
-        .with_columns(layer=pl.int_range(pl.len()).over("sample"))
-        .explode("expert_load")
-        .with_columns(expert=pl.int_range(pl.len()).over("sample", "layer"))
-        .group_by("moe_top_k", "layer", "expert")
-        .agg(tokens=pl.col("expert_load").sum())
-    )
-    return rows.with_columns(share=pl.col("tokens") / pl.col("tokens").sum().over("moe_top_k", "layer")).sort(
-        "moe_top_k", "layer", "expert"
-    )
-
-
-def router_entropy_by_phase(df: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> pl.DataFrame:
-    """Per top-k and phase: mean router entropy with a 95% bootstrap interval over problems."""
-    long = df.select("moe_top_k", "problem_id", thinking="router_entropy_thinking", answer="router_entropy_answer").unpivot(
-        index=["moe_top_k", "problem_id"], variable_name="phase", value_name="router_entropy"
-    )
-    return bootstrap_ci(long, "router_entropy", by=["moe_top_k", "phase"], n_boot=n_boot, seed=seed)
 
 
 # --------------------------------------------------------------------------- figures
