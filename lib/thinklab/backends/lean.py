@@ -132,6 +132,8 @@ class LeanDecoder:
                 return f"weights of type {type(m.weight.data).__name__}"
         if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
             return "pretraining_tp > 1"
+        if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
+            return "partial rotary embeddings"
         return None
 
     def __init__(self, model, batch_hint: int = 16):

@@ -1,0 +1,127 @@
+"""Where a decode step's time goes: torch profiler over batched decode, ops grouped by kind.
+
+Decodes --batch rows for --tokens tokens (sampling at T=1, EOS ignored) through the
+transformers backend, once to warm up and once under torch.profiler, and prints each
+group's share of the profiled CPU time per decode step, then the top operators. Prefill
+is profiled too and subtracted using a 1-token run, so the table is per decode step.
+The profiler adds a few microseconds to every operator, which inflates the many small
+ones; use it to rank, and benchmarks/decode_roofline.py for speeds.
+
+It then times one decode-shaped GEMM of the model (the MLP's up projection, batch rows
+x hidden x intermediate, oneDNN with a prepacked weight) with its weight hot in cache and
+streamed from memory (cycling through enough copies to overflow the last-level cache),
+which is what bounds the linear layers in decode.
+
+    python benchmarks/decode_profile.py [--model default] [--batch 16] [--tokens 32] [--transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import defaultdict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from thinklab.config import ModelSpec, SamplingSpec  # noqa: E402
+from thinklab.runner import get_backend  # noqa: E402
+
+GROUPS = {  # first match wins
+    "GEMM (linear layers, lm_head)": ("linear", "mm", "addmm", "matmul", "bmm"),
+    "attention": ("attention", "softmax"),
+    "norm": ("rms_norm", "pow", "mean", "rsqrt"),
+    "KV cache (write, cat, select)": ("cat", "copy_", "index", "slice_scatter"),
+    "sampling and tracing": ("log_softmax", "cumsum", "searchsorted", "exp", "argmax", "gather", "isin", "topk", "sort"),
+}
+
+
+def group_of(name: str) -> str:
+    short = name.split("::")[-1]
+    for group, keys in GROUPS.items():
+        if any(k in short for k in keys):
+            return group
+    return "other elementwise and bookkeeping"
+
+
+def self_times(backend, prompts, tokens: int) -> dict[str, float]:
+    sampling = SamplingSpec(temperature=1.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        backend.generate(prompts, list(range(len(prompts))), sampling, tokens, progress=False)
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}  # ms
+
+
+def gemm_hot_vs_streamed(batch: int, k: int, n: int, cache_bytes: int = 64 << 20) -> None:
+    import statistics
+    import time
+
+    x = torch.randn(batch, k)
+    copies = max(2, 2 * cache_bytes // (k * n * 4))
+    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), batch) for _ in range(copies)]
+    flops = 2 * batch * k * n
+
+    def median_seconds(ws, calls=300):
+        times = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            torch.ops.mkldnn._linear_pointwise(x, ws[i % len(ws)], None, "none", [], "")
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        median_seconds(weights[:1], 20)
+        hot, streamed = median_seconds(weights[:1]), median_seconds(weights)
+    print(f"\nGEMM [{batch}, {k}] x [{k}, {n}] (oneDNN, prepacked), {torch.get_num_threads()} threads:")
+    print(f"  weight in cache    {hot * 1e6:7.0f} us  {flops / hot / 1e9:6.1f} GFLOP/s")
+    print(f"  weight streamed    {streamed * 1e6:7.0f} us  {flops / streamed / 1e9:6.1f} GFLOP/s  "
+          f"({k * n * 4 / streamed / 1e9:.1f} GB/s of weights; {copies} copies cycled)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--transformers", action="store_true", help="profile transformers' forward (fast=False) instead")
+    args = ap.parse_args()
+
+    spec = ModelSpec(name=args.model)
+    if args.transformers:
+        from thinklab.backends.hf import HFBackend
+
+        backend = HFBackend(spec, fast=False)
+    else:
+        backend = get_backend(spec)
+    tok = backend.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"Count from {i} to {i + 40}."}],
+                                     add_generation_prompt=True, tokenize=False) for i in range(args.batch)]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    backend.max_batch_size = args.batch
+    eos, backend.eos_ids = backend.eos_ids, {-1}  # every row decodes exactly --tokens tokens
+    backend.generate(prompts, list(range(args.batch)), SamplingSpec(temperature=1.0), 4, progress=False)  # warm-up
+    full = self_times(backend, prompts, args.tokens)
+    first = self_times(backend, prompts, 1)  # prefill + one token
+    backend.eos_ids = eos
+    steps = args.tokens - 1
+    per_step = {k: (full[k] - first.get(k, 0.0)) / steps for k in full}
+    groups: dict[str, float] = defaultdict(float)
+    for name, ms in per_step.items():
+        groups[group_of(name)] += ms
+    total = sum(groups.values())
+    print(f"model={args.model} batch={args.batch} forward={backend.info.extra.get('forward')} "
+          f"threads={torch.get_num_threads()}: {total:.1f} ms of profiled CPU time per decode step")
+    print(f"{'group':<36}{'ms/step':>9}{'share':>8}")
+    for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"{group:<36}{ms:>9.2f}{ms / total:>8.0%}")
+    print(f"\ntop {args.top} operators (self time per decode step)")
+    for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {name:<52}{ms:>8.2f} ms")
+    cfg = backend.model.config
+    gemm_hot_vs_streamed(args.batch, cfg.hidden_size, cfg.intermediate_size)
+
+
+if __name__ == "__main__":
+    main()
