@@ -138,3 +138,31 @@ def test_inverse_cdf_sampler_edges():
     point = torch.zeros(3, 5000)
     point[:, 4321] = 1.0
     assert sample_inverse_cdf(point, torch.tensor([0.0, 0.5, 1.0 - 2**-53], dtype=torch.float64)).tolist() == [4321] * 3
+
+
+@pytest.mark.slow
+def test_first_token_frequencies_follow_the_model(fast_backend):
+    """End to end through generate: the first token of 480 seeded samples at T=1 is drawn from
+    the model's softmax (chi-square over the likely tokens plus the rest), so seeding, the
+    per-sample uniforms and the inverse CDF fit together without an off-by-one."""
+    from thinklab.config import SamplingSpec
+
+    tok = fast_backend.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Name any animal."}], add_generation_prompt=True,
+                                   tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        p = torch.softmax(fast_backend.model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    N = 480
+    outs = fast_backend.generate([prompt] * N, list(range(N)), SamplingSpec(temperature=1.0), 1, progress=False)
+    drawn = torch.tensor([o.token_ids[0] for o in outs])
+    likely = [t for t in torch.argsort(p, descending=True)[:20].tolist() if N * p[t] >= 5]
+    assert len(likely) >= 3, "the prompt should leave several likely first tokens"
+    observed = [int((drawn == t).sum()) for t in likely]
+    expected = [N * p[t].item() for t in likely]
+    observed.append(N - sum(observed))
+    expected.append(N - sum(expected))
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+    dof = len(observed) - 1
+    limit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # 99.9th percentile
+    assert chi2 < limit, f"chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}: {list(zip(observed, expected))}"
