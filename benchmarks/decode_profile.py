@@ -31,7 +31,7 @@ from thinklab.runner import get_backend  # noqa: E402
 
 GROUPS = {  # first match wins
     "GEMM (linear layers, lm_head)": ("linear", "mm", "addmm", "matmul", "bmm"),
-    "attention": ("attention", "softmax"),
+    "attention (incl. RoPE and cache write in the native kernel)": ("attention", "softmax"),
     "norm": ("rms_norm", "pow", "mean", "rsqrt"),
     "KV cache (write, cat, select)": ("cat", "copy_", "index", "slice_scatter"),
     "sampling and tracing": ("log_softmax", "cumsum", "searchsorted", "exp", "argmax", "gather", "isin", "topk", "sort"),
@@ -44,6 +44,23 @@ def group_of(name: str) -> str:
         if any(k in short for k in keys):
             return group
     return "other elementwise and bookkeeping"
+
+
+class _Recorded:
+    """Wraps the lean forward's native kernels (plain pybind functions, invisible to the
+    profiler) so each call is recorded as an event named thinklab::<kernel>."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+
+        def recorded(*args):
+            with torch.profiler.record_function(f"thinklab::{name}"):
+                return fn(*args)
+
+        return recorded
 
 
 def self_times(backend, prompts, tokens: int) -> dict[str, float]:
@@ -95,6 +112,9 @@ def main() -> None:
         backend = HFBackend(spec, fast=False)
     else:
         backend = get_backend(spec)
+    lean = getattr(backend, "lean", None)
+    if lean is not None and lean.native is not None:
+        lean.native = _Recorded(lean.native)
     tok = backend.tokenizer
     texts = [tok.apply_chat_template([{"role": "user", "content": f"Count from {i} to {i + 40}."}],
                                      add_generation_prompt=True, tokenize=False) for i in range(args.batch)]

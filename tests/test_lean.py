@@ -23,11 +23,12 @@ def _padded_batch(lengths, vocab, seed=0):
     return ids, att
 
 
-def _compare_with_transformers(model, lengths, steps=6):
+def _compare_with_transformers(model, lengths, steps=6, native=True):
     """Prefill a left-padded batch, then decode greedily; lean and transformers logits side by side."""
     from transformers import DynamicCache
 
-    lean = LeanDecoder(model)
+    lean = LeanDecoder(model, native=native)
+    assert (lean.native is not None) == native
     ids, att = _padded_batch(lengths, model.config.vocab_size)
     pos = (att.cumsum(-1) - 1).clamp_min(0)
     worst, scale = 0.0, 0.0
@@ -60,7 +61,15 @@ def test_lean_matches_transformers_on_the_embedded_model(fast_backend):
     assert worst < 1e-3 * scale, f"max |lean - transformers| = {worst} (logits up to {scale})"
 
 
-def test_lean_matches_transformers_on_a_qwen2_with_biases_and_gqa():
+def test_native_decode_attention_builds_here():
+    """The C++ kernel must build on the machines we test on (a silent fallback would hide it)."""
+    from thinklab.backends.lean import native_ops
+
+    assert native_ops() is not None
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "sdpa"])
+def test_lean_matches_transformers_on_a_qwen2_with_biases_and_gqa(native):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -72,7 +81,7 @@ def test_lean_matches_transformers_on_a_qwen2_with_biases_and_gqa():
     for layer in model.model.layers:  # random non-zero biases so a dropped bias would show
         for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             lin.bias.data.normal_(0, 0.5)
-    worst, scale = _compare_with_transformers(model, [5, 11, 1])
+    worst, scale = _compare_with_transformers(model, [5, 11, 1], native=native)
     assert worst < 1e-4 * max(scale, 1.0), f"max |lean - transformers| = {worst}"
 
 

@@ -16,7 +16,9 @@ larger operations:
   - keys and values are written into a preallocated cache (no `cat`) and attention reads
     a view of it; grouped-query heads are folded into the query length, so nothing is
     copied per head;
-  - RMSNorm is `F.rms_norm`.
+  - at decode, RoPE, the cache write and attention of a layer are one call into a small
+    C++ kernel, and RMSNorm another (native/decode_attention.cpp, built on first use;
+    without a compiler the same steps run as torch operations and SDPA).
 
 It reads the weights of a loaded transformers model and keeps its own packed copies
 (memory: about the size of the linear weights), and it uses the model's own rotary
@@ -29,12 +31,40 @@ forward to float rounding (tests/test_lean.py).
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "qwen2")
+NATIVE_SOURCE = Path(__file__).parent / "native" / "decode_attention.cpp"
+_native = None  # the loaded extension, or False once it proved unavailable
+
+
+def native_ops():
+    """The native decode kernels (native/decode_attention.cpp: decode attention, RMSNorm),
+    built on first use and cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR;
+    None if they cannot be built (no compiler, THINKLAB_NATIVE=0), in which case decode
+    uses SDPA and F.rms_norm."""
+    global _native
+    if _native is None:
+        if os.environ.get("THINKLAB_NATIVE", "1") == "0":
+            _native = False
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                print("thinklab: loading the native decode-attention kernel (built once, ~40 s)", file=sys.stderr)
+                _native = load(name="thinklab_decode_attention", sources=[str(NATIVE_SOURCE)],
+                               extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+            except Exception as exc:  # no compiler or headers: the torch path still works
+                warnings.warn(f"thinklab: native decode attention unavailable, using SDPA ({exc})", stacklevel=2)
+                _native = False
+    return _native or None
 
 
 def _pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
@@ -136,7 +166,7 @@ class LeanDecoder:
             return "partial rotary embeddings"
         return None
 
-    def __init__(self, model, batch_hint: int = 16):
+    def __init__(self, model, batch_hint: int = 16, native: bool = True):
         reason = self.unsupported(model)
         if reason:
             raise ValueError(f"lean forward cannot run this model: {reason}")
@@ -155,6 +185,7 @@ class LeanDecoder:
         self.norm = inner.norm.weight.detach()
         self.lm_head = _pack(model.lm_head.weight, batch_hint)
         self.lm_head_bias = None if model.lm_head.bias is None else model.lm_head.bias.detach()
+        self.native = native_ops() if native else None
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
@@ -211,30 +242,41 @@ class LeanDecoder:
             eye = torch.zeros(T, n, dtype=torch.bool, device=x.device)
             eye[torch.arange(T), n0 + torch.arange(T)] = True
             keep = (keep & causal) | eye
+        native = self.native if T == 1 else None
+        if native is not None:
+            cos1, sin1 = cos[:, 0, :half].contiguous(), sin[:, 0, :half].contiguous()
+            keep1 = keep.view(b, n).contiguous()
+        norm = (lambda t, w: self.native.rms_norm(t, w, self.eps)) if self.native is not None else (
+            lambda t, w: F.rms_norm(t, (H,), w, self.eps))
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (H,), L.ln1, self.eps)
+            h = norm(x, L.ln1)
             qkv = _linear(h, L.qkv, L.qkv_bias)
-            # RoPE on queries and keys at once: they are adjacent heads of the fused projection.
-            qk = qkv[..., : (nh + nkv) * hd].reshape(b, T, nh + nkv, hd // 2, 2)
-            qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(b, T, nh + nkv, hd)
-            q = qk[:, :, :nh].transpose(1, 2)
             kc, vc = cache.k[i], cache.v[i]
-            kc[:, :, n0:n] = qk[:, :, nh:].transpose(1, 2)
-            vc[:, :, n0:n] = qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2)
-            if T == 1:
-                # Grouped-query decode: the `group` query heads sharing a kv head become its queries.
-                out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), kc[:, :, :n], vc[:, :, :n],
-                                                     attn_mask=keep, scale=self.scale)
-                out = out.reshape(b, 1, nh * hd)
+            if native is not None:
+                # RoPE, the cache write and attention for every row and kv head in one call.
+                out = native.decode_attention(qkv.view(b, -1), cos1, sin1, kc, vc, keep1, n0, nh, nkv, self.scale)
+                out = out.view(b, 1, nh * hd)
             else:
-                out = F.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n], attn_mask=keep,
-                                                     scale=self.scale, enable_gqa=True)
-                out = out.transpose(1, 2).reshape(b, T, nh * hd)
+                # RoPE on queries and keys at once: they are adjacent heads of the fused projection.
+                qk = qkv[..., : (nh + nkv) * hd].reshape(b, T, nh + nkv, hd // 2, 2)
+                qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(b, T, nh + nkv, hd)
+                q = qk[:, :, :nh].transpose(1, 2)
+                kc[:, :, n0:n] = qk[:, :, nh:].transpose(1, 2)
+                vc[:, :, n0:n] = qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2)
+                if T == 1:
+                    # Grouped-query decode: the `group` query heads sharing a kv head become its queries.
+                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), kc[:, :, :n], vc[:, :, :n],
+                                                         attn_mask=keep, scale=self.scale)
+                    out = out.reshape(b, 1, nh * hd)
+                else:
+                    out = F.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n], attn_mask=keep,
+                                                         scale=self.scale, enable_gqa=True)
+                    out = out.transpose(1, 2).reshape(b, T, nh * hd)
             # Residual adds, SiLU and the gating product run inside the GEMMs as oneDNN post-ops.
             x = _linear_add(out, L.o, L.o_bias, x)
-            h = F.rms_norm(x, (H,), L.ln2, self.eps)
+            h = norm(x, L.ln2)
             act = _linear_mul(h, L.up, L.up_bias, _linear(h, L.gate, L.gate_bias, "swish"))
             x = _linear_add(act, L.down, L.down_bias, x)
         cache.length = n
-        last = F.rms_norm(x[:, -1], (H,), self.norm, self.eps)
+        last = norm(x[:, -1].contiguous(), self.norm)
         return _linear(last, self.lm_head, self.lm_head_bias)
