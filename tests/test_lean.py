@@ -107,7 +107,7 @@ def test_kv_cache_select_keeps_the_chosen_rows():
         cache.k[i].copy_(torch.arange(4.0)[:, None, None, None].expand_as(cache.k[i]) + 10 * i)
         cache.v[i].copy_(-cache.k[i])
     cache.length = 5
-    cache.select(torch.tensor([3, 1]))
+    cache.batch_select_indices(torch.tensor([3, 1]))
     assert cache.k[1].shape[0] == 2
     assert cache.k[1][:, 0, :5, 0].tolist() == [[13.0] * 5, [11.0] * 5]
     assert cache.v[0][:, 0, :5, 1].tolist() == [[-3.0] * 5, [-1.0] * 5]

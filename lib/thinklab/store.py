@@ -60,6 +60,7 @@ SCHEMA: dict[str, pl.DataType] = {
     "router_entropy_answer": pl.Float32,
 }
 REQUIRED = tuple(list(SCHEMA)[: list(SCHEMA).index("correct") + 1])
+ROUTING_COLUMNS = ("expert_load", "router_entropy_thinking", "router_entropy_answer")  # the MoE-only columns
 RUN_JSON = "run.json"
 
 

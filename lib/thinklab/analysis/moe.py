@@ -11,7 +11,7 @@ output: all_frames passes the other condition columns that vary in the table, so
 conditions are never pooled. Unlike the overthinking and temperature frames, `by=None`
 adds no grouping (it does not default to the varying condition columns).
 
-This module imports only polars, numpy and `thinklab.metrics`: no torch, no plotting.
+This module imports only polars, numpy, `thinklab.metrics` and `thinklab.store`: no torch, no plotting.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from thinklab.metrics import bootstrap_ci
+from thinklab.store import ROUTING_COLUMNS
 
 __all__ = [
     "ROUTING_COLUMNS",
@@ -33,8 +34,6 @@ __all__ = [
     "router_entropy_by_phase",
 ]
 
-# = tuple(thinklab.moe.ROUTING_SCHEMA), repeated here so that this module needs no torch
-ROUTING_COLUMNS = ("expert_load", "router_entropy_thinking", "router_entropy_answer")
 METRICS = {
     "correct": "accuracy",
     "n_tokens": "generated tokens",

@@ -85,37 +85,6 @@ def sample_inverse_cdf(p: torch.Tensor, u: torch.Tensor, block: int = 1024) -> t
     return (bi * block + ti).squeeze(-1)
 
 
-def pack_linears(model: torch.nn.Module, batch_hint: int = 16) -> int:
-    """Run every plain fp32 `nn.Linear` of a CPU model through oneDNN with a prepacked weight.
-
-    At decode shapes (a few rows against a large weight) the default path repacks the weight
-    on every call; here a batch-16 step of SmolLM2's linears ran about 2x faster and its
-    vocabulary projection about 3x (benchmarks/decode_roofline.py). Each module stays an
-    `nn.Linear` (hooks still fire, `weight` is untouched and still used by tied embeddings);
-    only its `forward` changes. Results differ from `F.linear` by float rounding (~1e-6
-    relative). The packed copy costs as much memory as the weights. Returns how many
-    modules were packed.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    n = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear:
-            continue
-        w = module.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or type(w.data) is not torch.Tensor:
-            continue  # quantized tensor subclasses and other dtypes keep their own kernels
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-        bias = None if module.bias is None else module.bias.detach()
-
-        def forward(x: torch.Tensor, _packed=packed, _bias=bias) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, _packed, _bias, "none", [], "")
-
-        module.forward = forward
-        n += 1
-    return n
-
-
 def entropy_from_logp(logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy in nats of each row of log-probabilities (p = exp(logp) if already computed);
     masked (-inf) entries count 0."""
@@ -152,14 +121,12 @@ class HFBackend(Backend):
         # CPU float32 llama/qwen2 checkpoints decode through the lean forward (lean.py); other
         # CPU float32 models keep transformers' forward with prepacked linears.
         self.lean: lean.LeanDecoder | None = None
-        self.fallback_reason = "" if fast else "fast=False"
         self.packed_linears = 0
         if fast and self.device.type == "cpu" and not spec.quantization:
-            self.fallback_reason = lean.LeanDecoder.unsupported(self.model) or ""
-            if not self.fallback_reason:
+            if lean.LeanDecoder.unsupported(self.model) is None:
                 self.lean = lean.LeanDecoder(self.model, batch_hint=max_batch_size)
             else:
-                self.packed_linears = pack_linears(self.model, batch_hint=max_batch_size)
+                self.packed_linears = lean.pack_linears(self.model, batch_hint=max_batch_size)
         self._native_top_k: dict | None = None
         if spec.moe_top_k is not None:
             self.set_moe_top_k(spec.moe_top_k)
@@ -320,7 +287,7 @@ class HFBackend(Backend):
             if len(keep) < len(rows):
                 # Finished rows leave the batch: the cache, mask and positions shrink with them.
                 keep_t = torch.tensor(keep, device=dev)
-                cache.select(keep_t) if isinstance(cache, lean.KVCache) else cache.batch_select_indices(keep_t)
+                cache.batch_select_indices(keep_t)
                 attention, next_pos, tok = attention[keep_t], next_pos[keep_t], tok[keep_t]
                 rows = [rows[pos] for pos in keep]
                 rows_t = torch.tensor(rows, device=dev)

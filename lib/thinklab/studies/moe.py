@@ -20,12 +20,18 @@ import polars as pl
 
 from thinklab import moe
 from thinklab.analysis import overthinking as ot
-from thinklab.analysis.moe import METRICS, expert_load, metrics_vs_k, num_experts, router_entropy_by_phase
+from thinklab.analysis.moe import (
+    METRICS,
+    ROUTING_COLUMNS,
+    expert_load,
+    metrics_vs_k,
+    num_experts,
+    router_entropy_by_phase,
+)
 from thinklab.config import ModelSpec, RunSpec, SamplingSpec
 from thinklab.studies.common import run_conditions
 
 STUDY = "moe"
-ROUTING_COLUMNS = tuple(moe.ROUTING_SCHEMA)  # = thinklab.analysis.moe.ROUTING_COLUMNS
 
 __all__ = [
     "STUDY", "ROUTING_COLUMNS", "METRICS", "conditions", "run",
