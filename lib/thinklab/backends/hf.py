@@ -175,9 +175,7 @@ class HFBackend(Backend):
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "max_batch_size": self.max_batch_size,
-                "forward": (("lean (thinklab.backends.lean, oneDNN prepacked"
-                             + (", native decode kernels)" if self.lean.native is not None else ", SDPA)"))
-                            if self.lean is not None else
+                "forward": (self.lean.describe() if self.lean is not None else
                             "transformers" + (" with oneDNN prepacked linears" if self.packed_linears else "")),
                 "rng": ("one torch.Generator per sample seeded with its seed draws one float64 uniform per token, "
                         "all up front; the token is the inverse CDF (float64 cumulative sum) of the processed distribution"),

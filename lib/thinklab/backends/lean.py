@@ -41,15 +41,20 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "qwen2")
-NATIVE_SOURCE = Path(__file__).parent / "native" / "decode_attention.cpp"
+NATIVE_DIR = Path(__file__).parent / "native"
+NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp"]
 _native = None  # the loaded extension, or False once it proved unavailable
 
 
 def native_ops():
-    """The native decode kernels (native/decode_attention.cpp: decode attention, RMSNorm),
-    built on first use and cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR;
-    None if they cannot be built (no compiler, THINKLAB_NATIVE=0), in which case decode
-    uses SDPA and F.rms_norm."""
+    """The native kernels (native/*.cpp: decode attention, RMSNorm, packed GEMMs), built on
+    first use and cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR; None if
+    they cannot be built (no compiler, THINKLAB_NATIVE=0), in which case the lean forward
+    uses oneDNN, SDPA and F.rms_norm.
+
+    They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
+    OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
+    inlined serial and the kernels ran on one core."""
     global _native
     if _native is None:
         if os.environ.get("THINKLAB_NATIVE", "1") == "0":
@@ -58,11 +63,13 @@ def native_ops():
             try:
                 from torch.utils.cpp_extension import load
 
-                print("thinklab: loading the native decode-attention kernel (built once, ~40 s)", file=sys.stderr)
-                _native = load(name="thinklab_decode_attention", sources=[str(NATIVE_SOURCE)],
-                               extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+                print("thinklab: loading the native CPU kernels (built once, ~1 min)", file=sys.stderr)
+                _native = load(name="thinklab_native", sources=[str(s) for s in NATIVE_SOURCES],
+                               extra_include_paths=[str(NATIVE_DIR)], extra_cflags=["-O3", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler or headers: the torch path still works
-                warnings.warn(f"thinklab: native decode attention unavailable, using SDPA ({exc})", stacklevel=2)
+                warnings.warn(f"thinklab: native CPU kernels unavailable, using oneDNN and SDPA ({exc})",
+                              stacklevel=2)
                 _native = False
     return _native or None
 
@@ -127,20 +134,71 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 16) -> int:
     return n
 
 
+_PANEL = 48  # output columns per packed panel in native/gemm.cpp
+
+
+def _panel_bias(bias: torch.Tensor, panels: int) -> torch.Tensor:
+    """A bias laid out like the packed weight's columns: zero past the real outputs."""
+    out = bias.new_zeros(panels * _PANEL)
+    out[: bias.numel()] = bias.detach()
+    return out
+
+
+class Projection:
+    """One linear layer's weight (or several stacked: q, k, v), packed once for the GEMM that
+    runs it: the native kernel (native/gemm.cpp) where the extension is built and the CPU
+    has AVX-512, oneDNN otherwise. `proj(x)` is x W^T + b; `proj(x, residual)` adds the
+    residual inside the GEMM's write-out."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native, batch_hint: int):
+        self.n = weight.shape[0]
+        self.native = native
+        if native is not None:
+            self.w = native.pack_weight(weight.detach().contiguous())
+            self.bias = None if bias is None else _panel_bias(bias, self.w.shape[0])
+        else:
+            self.w, self.bias = _pack(weight, batch_hint), bias
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.packed_linear(x, self.w, self.n, self.bias, residual)
+        if residual is None:
+            return _linear(x, self.w, self.bias)
+        return _linear_add(x, self.w, self.bias, residual)
+
+
+class SwiGLU:
+    """silu(x W_gate^T + b_gate) * (x W_up^T + b_up): one native GEMM over the gate's and the
+    up projection's panels interleaved, or two oneDNN GEMMs with SiLU and the product as
+    post-ops."""
+
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, native, batch_hint: int):
+        self.native = native
+        self.gate, self.up = (Projection(m.weight, _bias(m), native, batch_hint) for m in (gate, up))
+        if native is not None:  # panels gate 0, up 0, gate 1, up 1, ...
+            self.n = self.gate.n
+            self.w = torch.stack([self.gate.w, self.up.w], 1).flatten(0, 1).contiguous()
+            self.bias = None
+            if self.gate.bias is not None or self.up.bias is not None:
+                b = [p.bias if p.bias is not None else p.w.new_zeros(p.w.shape[0] * _PANEL)
+                     for p in (self.gate, self.up)]
+                self.bias = torch.stack([t.view(-1, _PANEL) for t in b], 1).flatten().contiguous()
+            del self.gate, self.up  # their panels now live in self.w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.packed_linear(x, self.w, self.n, self.bias, None, True)
+        return _linear_mul(x, self.up.w, self.up.bias, _linear(x, self.gate.w, self.gate.bias, "swish"))
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Projection
+    o: Projection
     ln2: torch.Tensor
-    gate: torch.Tensor
-    gate_bias: torch.Tensor | None
-    up: torch.Tensor
-    up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    mlp: SwiGLU
+    down: Projection
 
 
 class KVCache:
@@ -215,27 +273,30 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight.detach()
-        self.lm_head = _pack(model.lm_head.weight, batch_hint)
-        self.lm_head_bias = _bias(model.lm_head)
         self.native = native_ops() if native else None
+        gemm = self.native if self.native is not None and self.native.gemm_supported() else None
+        self.lm_head = Projection(model.lm_head.weight, _bias(model.lm_head), gemm, batch_hint)
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             qkv = [a.q_proj, a.k_proj, a.v_proj]
+            qkv_bias = _cat_bias(qkv, self.device)
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.detach(),
-                qkv=_pack(self._interleave_qk(torch.cat([x.weight for x in qkv])), batch_hint),
-                qkv_bias=None if (bias := _cat_bias(qkv, self.device)) is None else self._interleave_qk(bias),
-                o=_pack(a.o_proj.weight, batch_hint),
-                o_bias=_bias(a.o_proj),
+                qkv=Projection(self._interleave_qk(torch.cat([x.weight for x in qkv])),
+                               None if qkv_bias is None else self._interleave_qk(qkv_bias), gemm, batch_hint),
+                o=Projection(a.o_proj.weight, _bias(a.o_proj), gemm, batch_hint),
                 ln2=layer.post_attention_layernorm.weight.detach(),
-                gate=_pack(m.gate_proj.weight, batch_hint),
-                gate_bias=_bias(m.gate_proj),
-                up=_pack(m.up_proj.weight, batch_hint),
-                up_bias=_bias(m.up_proj),
-                down=_pack(m.down_proj.weight, batch_hint),
-                down_bias=_bias(m.down_proj),
+                mlp=SwiGLU(m.gate_proj, m.up_proj, gemm, batch_hint),
+                down=Projection(m.down_proj.weight, _bias(m.down_proj), gemm, batch_hint),
             ))
+        self.native_gemm = gemm is not None
+
+    def describe(self) -> str:
+        """Which kernels run this forward, as recorded in a run's backend info."""
+        gemm = "native packed GEMMs" if self.native_gemm else "oneDNN prepacked GEMMs"
+        attention = "native decode attention" if self.native is not None else "SDPA"
+        return f"lean (thinklab.backends.lean, {gemm}, {attention})"
 
     def _interleave_qk(self, w: torch.Tensor) -> torch.Tensor:
         """Reorder each query and key head's output features from (first half, second half)
@@ -283,7 +344,7 @@ class LeanDecoder:
             lambda t, w: F.rms_norm(t, (H,), w, self.eps))
         for i, L in enumerate(self.layers):
             h = norm(x, L.ln1)
-            qkv = _linear(h, L.qkv, L.qkv_bias)
+            qkv = L.qkv(h)
             kc, vc = cache.k[i], cache.v[i]
             if native is not None:
                 # RoPE, the cache write and attention for every row and kv head in one call.
@@ -305,11 +366,10 @@ class LeanDecoder:
                     out = F.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n], attn_mask=keep,
                                                          scale=self.scale, enable_gqa=True)
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
-            # Residual adds, SiLU and the gating product run inside the GEMMs as oneDNN post-ops.
-            x = _linear_add(out, L.o, L.o_bias, x)
+            # Residual adds and the SwiGLU gating run inside the GEMMs' write-out.
+            x = L.o(out, x)
             h = norm(x, L.ln2)
-            act = _linear_mul(h, L.up, L.up_bias, _linear(h, L.gate, L.gate_bias, "swish"))
-            x = _linear_add(act, L.down, L.down_bias, x)
+            x = L.down(L.mlp(h), x)
         cache.length = n
         last = norm(x[:, -1].contiguous(), self.norm)
-        return _linear(last, self.lm_head, self.lm_head_bias)
+        return self.lm_head(last)

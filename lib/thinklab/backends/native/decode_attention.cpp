@@ -15,6 +15,8 @@
 #include <cmath>
 #include <vector>
 
+#include "simd_math.h"
+
 static inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -25,27 +27,6 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 static inline void axpy(float* y, float a, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// exp(x) for x <= 0 to ~2 ulp, written so loops of it vectorize (std::exp does not without
-// -ffast-math, whose finite-math assumption the -inf masking here cannot have).
-// Inputs below -87 (including -inf) give 0.
-static inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.f ? -87.f : x;
-  const float t = clamped * 1.44269504088896341f;  // x / ln 2
-  const float fn = __builtin_floorf(t + 0.5f);
-  const float r = (clamped - fn * 0.693359375f) + fn * 2.12194440e-4f;  // x - n ln 2, two-part ln 2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;  // 2^n
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof scale);
-  return x < -87.f ? 0.f : p * scale;
 }
 
 static inline void rope_pairs(float* x, const float* cs, const float* sn, int64_t half) {
@@ -173,8 +154,19 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+// gemm.cpp
+bool gemm_supported();
+torch::Tensor pack_weight(torch::Tensor w);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
+                            c10::optional<torch::Tensor> residual, bool swiglu);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("decode_attention", &decode_attention,
         "RoPE + KV-cache write + attention of one decode step of one layer (see the top of this file)");
+  m.def("gemm_supported", &gemm_supported, "whether this CPU runs packed_linear (AVX-512F)");
+  m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
+  m.def("packed_linear", &packed_linear, "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("residual") = pybind11::none(), pybind11::arg("swiglu") = false);
 }
