@@ -29,6 +29,7 @@ namespace {
 constexpr int64_t NR = 48;  // output columns per panel: three 16-float vectors
 constexpr int64_t MR = 8;   // rows per tile
 constexpr int64_t PREFETCH = 32;  // k steps ahead (32 x 192 B = 6 KB) that the weight is prefetched
+alignas(64) const float ZEROS[NR] = {};  // the bias of a projection without one
 
 // acc = x[0:rows, :] . panel (K x 48), stored row-major into t (rows x 48).
 template <int ROWS>
@@ -76,13 +77,19 @@ __attribute__((target("avx512f"))) void plain_panel(const Problem& P, int64_t p)
   for (int64_t m0 = 0; m0 < P.M; m0 += MR) {
     const int64_t rows = std::min(MR, P.M - m0);
     TILES[rows](P.x + m0 * P.K, P.K, wp, P.K, m0 == 0, t);
+    // Branch-free loops so that they vectorize: a missing bias reads zeros.
+    const float* b = P.bias ? P.bias + c0 : ZEROS;
     for (int64_t m = 0; m < rows; ++m) {
       float* yr = P.y + (m0 + m) * P.N + c0;
-      const float* rr = P.residual ? P.residual + (m0 + m) * P.N + c0 : nullptr;
       const float* tr = t + m * NR;
+      if (P.residual) {
+        const float* rr = P.residual + (m0 + m) * P.N + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c)
-        yr[c] = tr[c] + (P.bias ? P.bias[c0 + c] : 0.f) + (rr ? rr[c] : 0.f);
+        for (int64_t c = 0; c < cols; ++c) yr[c] = tr[c] + b[c] + rr[c];
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) yr[c] = tr[c] + b[c];
+      }
     }
   }
 }
@@ -94,8 +101,8 @@ __attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p
   const int64_t c0 = p * NR, cols = std::min(NR, P.N - c0);
   const float* wg = P.w + 2 * p * P.K * NR;
   const float* wu = wg + P.K * NR;
-  const float* bg = P.bias ? P.bias + 2 * p * NR : nullptr;
-  const float* bu = P.bias ? bg + NR : nullptr;
+  const float* bg = P.bias ? P.bias + 2 * p * NR : ZEROS;
+  const float* bu = P.bias ? bg + NR : ZEROS;
   for (int64_t m0 = 0; m0 < P.M; m0 += MR) {
     const int64_t rows = std::min(MR, P.M - m0);
     TILES[rows](P.x + m0 * P.K, P.K, wg, P.K, m0 == 0, g);
@@ -105,10 +112,7 @@ __attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p
       const float* gr = g + m * NR;
       const float* ur = u + m * NR;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float a = gr[c] + (bg ? bg[c] : 0.f), b = ur[c] + (bu ? bu[c] : 0.f);
-        yr[c] = silu(a) * b;
-      }
+      for (int64_t c = 0; c < cols; ++c) yr[c] = silu(gr[c] + bg[c]) * (ur[c] + bu[c]);
     }
   }
 }

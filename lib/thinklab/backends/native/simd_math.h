@@ -8,7 +8,9 @@
 static inline float exp_nonpositive(float x) {
   const float clamped = x < -87.f ? -87.f : x;
   const float t = clamped * 1.44269504088896341f;  // x / ln 2
-  const float fn = __builtin_floorf(t + 0.5f);
+  // round to nearest by adding and subtracting 1.5 * 2^23 (exact for |t| < 2^22); floorf would
+  // keep GCC from vectorizing the loop
+  const float fn = (t + 12582912.f) - 12582912.f;
   const float r = (clamped - fn * 0.693359375f) + fn * 2.12194440e-4f;  // x - n ln 2, two-part ln 2
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
