@@ -31,19 +31,20 @@ constexpr int64_t MR = 8;   // rows per tile
 constexpr int64_t PREFETCH = 32;  // k steps ahead (32 x 192 B = 6 KB) that the weight is prefetched
 alignas(64) const float ZEROS[NR] = {};  // the bias of a projection without one
 
-// acc = x[0:rows, :] . panel (K x 48), stored row-major into t (rows x 48).
+// acc = x[0:rows, :] . panel (K x 48), stored row-major into t (rows x 48). While it runs,
+// the 192 bytes at pf + 48 k are prefetched at step k (pf may be null).
 template <int ROWS>
-__attribute__((target("avx512f"))) void tile(const float* x, int64_t ldx, const float* w, int64_t K, bool prefetch,
+__attribute__((target("avx512f"))) void tile(const float* x, int64_t ldx, const float* w, int64_t K, const float* pf,
                                              float* t) {
   __m512 acc[ROWS][3];
   for (int m = 0; m < ROWS; ++m)
     for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const float* wk = w + k * NR;
-    if (prefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(wk + PREFETCH * NR), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wk + PREFETCH * NR + 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wk + PREFETCH * NR + 32), _MM_HINT_T0);
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * NR), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * NR + 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * NR + 32), _MM_HINT_T0);
     }
     const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16), w2 = _mm512_loadu_ps(wk + 32);
     for (int m = 0; m < ROWS; ++m) {
@@ -57,7 +58,7 @@ __attribute__((target("avx512f"))) void tile(const float* x, int64_t ldx, const 
     for (int v = 0; v < 3; ++v) _mm512_storeu_ps(t + m * NR + 16 * v, acc[m][v]);
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, bool, float*);
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*);
 constexpr TileFn TILES[MR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
 
 struct Problem {
@@ -69,14 +70,21 @@ struct Problem {
   int64_t M, K, N;
 };
 
+// What a row tile prefetches: the first streams its panel from memory and prefetches it
+// ahead; later tiles find the panel in cache, so the second prefetches the thread's next
+// panel (`next`, or null), keeping the memory busy while it computes (+10% streamed).
+inline const float* prefetch_for(int64_t m0, const float* w, const float* next) {
+  return m0 == 0 ? w + PREFETCH * NR : m0 == MR ? next : nullptr;
+}
+
 // Output panel p of a plain product: y[:, 48p : 48p + 48] (+ bias, + residual).
-__attribute__((target("avx512f"))) void plain_panel(const Problem& P, int64_t p) {
+__attribute__((target("avx512f"))) void plain_panel(const Problem& P, int64_t p, bool more) {
   alignas(64) float t[MR * NR];
   const int64_t c0 = p * NR, cols = std::min(NR, P.N - c0);
   const float* wp = P.w + p * P.K * NR;
   for (int64_t m0 = 0; m0 < P.M; m0 += MR) {
     const int64_t rows = std::min(MR, P.M - m0);
-    TILES[rows](P.x + m0 * P.K, P.K, wp, P.K, m0 == 0, t);
+    TILES[rows](P.x + m0 * P.K, P.K, wp, P.K, prefetch_for(m0, wp, more ? wp + P.K * NR : nullptr), t);
     // Branch-free loops so that they vectorize: a missing bias reads zeros.
     const float* b = P.bias ? P.bias + c0 : ZEROS;
     for (int64_t m = 0; m < rows; ++m) {
@@ -96,7 +104,7 @@ __attribute__((target("avx512f"))) void plain_panel(const Problem& P, int64_t p)
 
 // Output panel p of SwiGLU: packed panels 2p (gate) and 2p + 1 (up) give
 // y[:, 48p : 48p + 48] = silu(x gate^T + b_gate) * (x up^T + b_up).
-__attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p) {
+__attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p, bool more) {
   alignas(64) float g[MR * NR], u[MR * NR];
   const int64_t c0 = p * NR, cols = std::min(NR, P.N - c0);
   const float* wg = P.w + 2 * p * P.K * NR;
@@ -105,8 +113,8 @@ __attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p
   const float* bu = P.bias ? bg + NR : ZEROS;
   for (int64_t m0 = 0; m0 < P.M; m0 += MR) {
     const int64_t rows = std::min(MR, P.M - m0);
-    TILES[rows](P.x + m0 * P.K, P.K, wg, P.K, m0 == 0, g);
-    TILES[rows](P.x + m0 * P.K, P.K, wu, P.K, m0 == 0, u);
+    TILES[rows](P.x + m0 * P.K, P.K, wg, P.K, prefetch_for(m0, wg, more ? wg + 2 * P.K * NR : nullptr), g);
+    TILES[rows](P.x + m0 * P.K, P.K, wu, P.K, prefetch_for(m0, wu, more ? wu + 2 * P.K * NR : nullptr), u);
     for (int64_t m = 0; m < rows; ++m) {
       float* yr = P.y + (m0 + m) * P.N + c0;
       const float* gr = g + m * NR;
@@ -161,7 +169,7 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::op
   }
   if (P.M == 0) return y;
   at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) swiglu ? swiglu_panel(P, p) : plain_panel(P, p);
+    for (int64_t p = lo; p < hi; ++p) swiglu ? swiglu_panel(P, p, p + 1 < hi) : plain_panel(P, p, p + 1 < hi);
   });
   return y;
 }
