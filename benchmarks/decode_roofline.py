@@ -49,7 +49,7 @@ def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     a, b = torch.randn(n, n), torch.randn(n, n)
     products = {"torch.matmul": lambda: a @ b}
     native = lean.native_ops()
-    if native is not None and native.gemm_supported():
+    if native is not None:
         packed = native.pack_weight(b.t().contiguous())  # packed_linear computes a @ (its weight)^T
         products["thinklab packed GEMM"] = lambda: native.packed_linear(a, packed, n)
     rates = {}

@@ -99,18 +99,28 @@ def test_lean_refuses_what_it_does_not_implement():
     assert "bfloat16" in LeanDecoder.unsupported(model)
 
 
-def test_kv_cache_select_keeps_the_chosen_rows():
+def test_kv_cache_writes_reads_and_selects_rows():
     from thinklab.backends.lean import KVCache
 
-    cache = KVCache(layers=2, batch=4, kv_heads=1, capacity=8, head_dim=2, dtype=torch.float32, device="cpu")
-    for i in range(2):
-        cache.k[i].copy_(torch.arange(4.0)[:, None, None, None].expand_as(cache.k[i]) + 10 * i)
-        cache.v[i].copy_(-cache.k[i])
-    cache.length = 5
+    cache = KVCache(layers=2, batch=4, kv_heads=2, capacity=20, head_dim=3, dtype=torch.float32, device="cpu")
+    assert cache.capacity == 32  # whole blocks of 16 positions
+    # key entry = 1000 * row + 100 * layer + 10 * kv head + position + feature / 10; values negated
+    rows, heads, feats = torch.arange(4.0), torch.arange(2.0), torch.arange(3.0)
+
+    def entries(layer, positions):
+        return (1000 * rows[:, None, None, None] + 100 * layer + 10 * heads[None, :, None, None]
+                + positions[None, None, :, None] + feats / 10)
+
+    for i in range(2):  # a prefill of 13 positions, then a 5-position chunk that crosses a block boundary
+        cache.write(i, 0, entries(i, torch.arange(13.0)), -entries(i, torch.arange(13.0)))
+        cache.write(i, 13, entries(i, torch.arange(13.0, 18.0)), -entries(i, torch.arange(13.0, 18.0)))
+    cache.length = 18
+    assert torch.equal(cache.keys(1, 18), entries(1, torch.arange(18.0)))
     cache.batch_select_indices(torch.tensor([3, 1]))
-    assert cache.k[1].shape[0] == 2
-    assert cache.k[1][:, 0, :5, 0].tolist() == [[13.0] * 5, [11.0] * 5]
-    assert cache.v[0][:, 0, :5, 1].tolist() == [[-3.0] * 5, [-1.0] * 5]
+    assert cache.k[1].shape[0] == 2 and cache.v[0].shape[0] == 2
+    kept = entries(1, torch.arange(18.0))[[3, 1]]
+    assert torch.equal(cache.keys(1, 18), kept)
+    assert torch.equal(cache.v[1][:, :, :18], -kept)
 
 
 def test_inverse_cdf_sampler_matches_the_distribution():

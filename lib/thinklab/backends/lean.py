@@ -49,8 +49,8 @@ _native = None  # the loaded extension, or False once it proved unavailable
 def native_ops():
     """The native kernels (native/*.cpp: decode attention, RMSNorm, packed GEMMs), built on
     first use and cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR; None if
-    they cannot be built (no compiler, THINKLAB_NATIVE=0), in which case the lean forward
-    uses oneDNN, SDPA and F.rms_norm.
+    they cannot be built or run (no compiler, a CPU without AVX-512F, THINKLAB_NATIVE=0), in
+    which case the lean forward uses oneDNN, SDPA and F.rms_norm.
 
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
@@ -67,7 +67,9 @@ def native_ops():
                 _native = load(name="thinklab_native", sources=[str(s) for s in NATIVE_SOURCES],
                                extra_include_paths=[str(NATIVE_DIR)], extra_cflags=["-O3", "-fopenmp"],
                                extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as exc:  # no compiler or headers: the torch path still works
+                if not _native.cpu_supported():
+                    raise RuntimeError("this CPU lacks AVX-512F, which the kernels are written for")
+            except Exception as exc:  # no compiler or headers, or an older CPU: the torch path still works
                 warnings.warn(f"thinklab: native CPU kernels unavailable, using oneDNN and SDPA ({exc})",
                               stacklevel=2)
                 _native = False
@@ -146,8 +148,8 @@ def _panel_bias(bias: torch.Tensor, panels: int) -> torch.Tensor:
 
 class Projection:
     """One linear layer's weight (or several stacked: q, k, v), packed once for the GEMM that
-    runs it: the native kernel (native/gemm.cpp) where the extension is built and the CPU
-    has AVX-512, oneDNN otherwise. `proj(x)` is x W^T + b; `proj(x, residual)` adds the
+    runs it: the native kernel (native/gemm.cpp) where the native kernels are available
+    (`native_ops()`), oneDNN otherwise. `proj(x)` is x W^T + b; `proj(x, residual)` adds the
     residual inside the GEMM's write-out."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native, batch_hint: int):
@@ -202,27 +204,47 @@ class _Layer:
 
 
 class KVCache:
-    """Preallocated keys and values, (batch, kv heads, capacity, head dim) per layer.
+    """Preallocated keys and values per layer. Keys are stored in blocks of 16 positions,
+    each block transposed, (batch, kv heads, capacity / 16, head dim, 16): the native
+    kernel scores a block's 16 keys as one vector and still reads a head's keys as one
+    contiguous stream. Values are (batch, kv heads, capacity, head dim). The capacity is
+    rounded up to a multiple of 16.
 
     Every row holds the same number of positions (prompts are left-padded), so one length
     serves the batch; padding is masked by the attention mask, not by the cache.
     """
 
+    BLOCK = 16
+
     def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
-        shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity = capacity
+        blocks = -(-capacity // self.BLOCK)
+        self.k = [torch.empty((batch, kv_heads, blocks, head_dim, self.BLOCK), dtype=dtype, device=device)
+                  for _ in range(layers)]
+        self.v = [torch.empty((batch, kv_heads, blocks * self.BLOCK, head_dim), dtype=dtype, device=device)
+                  for _ in range(layers)]
+        self.capacity = blocks * self.BLOCK
         self.length = 0
+
+    def write(self, layer: int, n0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys and values (batch, kv heads, T, head dim) at positions n0 .. n0 + T."""
+        pos = torch.arange(n0, n0 + k.shape[2], device=k.device)
+        # two index tensors around a slice: the indexed (position) dimension comes first
+        self.k[layer][:, :, pos // self.BLOCK, :, pos % self.BLOCK] = k.permute(2, 0, 1, 3)
+        self.v[layer][:, :, n0 : n0 + k.shape[2]] = v
+
+    def keys(self, layer: int, n: int) -> torch.Tensor:
+        """The first n keys of a layer as (batch, kv heads, n, head dim) (a copy)."""
+        k = self.k[layer]
+        return k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])[:, :, :n]
 
     def batch_select_indices(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch); the same call as
         transformers' DynamicCache, so the decode loop treats both caches alike."""
-        n = self.length
+        n, nb = self.length, -(-self.length // self.BLOCK)
         for i in range(len(self.k)):
             k = self.k[i].new_empty((len(rows),) + self.k[i].shape[1:])
-            v = self.v[i].new_empty(k.shape)
-            k[:, :, :n] = self.k[i][rows, :, :n]
+            v = self.v[i].new_empty((len(rows),) + self.v[i].shape[1:])
+            k[:, :, :nb] = self.k[i][rows, :, :nb]
             v[:, :, :n] = self.v[i][rows, :, :n]
             self.k[i], self.v[i] = k, v
 
@@ -273,8 +295,9 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight.detach()
-        self.native = native_ops() if native else None
-        gemm = self.native if self.native is not None and self.native.gemm_supported() else None
+        self.native = gemm = native_ops() if native else None
+        # the native attention kernel works in 16-feature vectors of each head
+        self.native_attention = self.native is not None and self.head_dim % 16 == 0
         self.lm_head = Projection(model.lm_head.weight, _bias(model.lm_head), gemm, batch_hint)
         self.layers: list[_Layer] = []
         for layer in inner.layers:
@@ -290,12 +313,10 @@ class LeanDecoder:
                 mlp=SwiGLU(m.gate_proj, m.up_proj, gemm, batch_hint),
                 down=Projection(m.down_proj.weight, _bias(m.down_proj), gemm, batch_hint),
             ))
-        self.native_gemm = gemm is not None
-
     def describe(self) -> str:
         """Which kernels run this forward, as recorded in a run's backend info."""
-        gemm = "native packed GEMMs" if self.native_gemm else "oneDNN prepacked GEMMs"
-        attention = "native decode attention" if self.native is not None else "SDPA"
+        gemm = "native packed GEMMs" if self.native is not None else "oneDNN prepacked GEMMs"
+        attention = "native decode attention" if self.native_attention else "SDPA"
         return f"lean (thinklab.backends.lean, {gemm}, {attention})"
 
     def _interleave_qk(self, w: torch.Tensor) -> torch.Tensor:
@@ -334,7 +355,7 @@ class LeanDecoder:
             eye = torch.zeros(T, n, dtype=torch.bool, device=x.device)
             eye[torch.arange(T), n0 + torch.arange(T)] = True
             keep = (keep & causal) | eye
-        native = self.native if T == 1 else None
+        native = self.native if T == 1 and self.native_attention else None
         if native is not None:
             cos1, sin1 = cos[:, 0, :half].contiguous(), sin[:, 0, :half].contiguous()
             keep1 = keep.view(b, n).contiguous()
@@ -355,15 +376,16 @@ class LeanDecoder:
                 qk = qkv[..., : (nh + nkv) * hd].reshape(b, T, nh + nkv, hd // 2, 2)
                 qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(b, T, nh + nkv, hd)
                 q = qk[:, :, :nh].transpose(1, 2)
-                kc[:, :, n0:n] = qk[:, :, nh:].transpose(1, 2)
-                vc[:, :, n0:n] = qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2)
+                cache.write(i, n0, qk[:, :, nh:].transpose(1, 2),
+                            qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2))
+                keys = cache.keys(i, n)
                 if T == 1:
                     # Grouped-query decode: the `group` query heads sharing a kv head become its queries.
-                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), kc[:, :, :n], vc[:, :, :n],
+                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), keys, vc[:, :, :n],
                                                          attn_mask=keep, scale=self.scale)
                     out = out.reshape(b, 1, nh * hd)
                 else:
-                    out = F.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n], attn_mask=keep,
+                    out = F.scaled_dot_product_attention(q, keys, vc[:, :, :n], attn_mask=keep,
                                                          scale=self.scale, enable_gqa=True)
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
             # Residual adds and the SwiGLU gating run inside the GEMMs' write-out.

@@ -6,11 +6,19 @@
 // key and value into the preallocated cache at position n0, and attends each query over
 // positions 0..n0 where `keep` is true (softmax in float32, max-subtracted). It replaces
 // about ten small torch operations and SDPA's per-head overhead at decode shapes (3
-// queries x ~100 keys per head). Built on first use by torch.utils.cpp_extension;
-// parallel over (row, kv head) through ATen's thread pool. Hot loops are compiled for
-// AVX-512, AVX2 and a generic target and picked at run time (GCC target_clones).
+// queries x ~100 keys per head). Built on first use by torch.utils.cpp_extension, with
+// OpenMP so that ATen's parallel_for runs on torch's thread pool; parallel over
+// (row, kv head).
+//
+// Keys are cached in blocks of 16 positions, each block transposed: (b, kv heads,
+// capacity / 16, head dim, 16). The scores of a block's 16 keys are then one AVX-512 vector
+// accumulated over the head dimension (no horizontal sums), and a head's keys are still
+// one contiguous stream for the hardware prefetcher. Values stay (b, kv heads, capacity,
+// head dim); the weighted sum keeps its outputs in registers across keys. The attention kernel needs AVX-512F (as
+// the GEMMs in gemm.cpp do); RMSNorm is compiled for AVX-512, AVX2 and a generic target.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -24,11 +32,6 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-static inline void axpy(float* y, float a, const float* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 static inline void rope_pairs(float* x, const float* cs, const float* sn, int64_t half) {
 #pragma omp simd
   for (int64_t j = 0; j < half; ++j) {
@@ -38,90 +41,167 @@ static inline void rope_pairs(float* x, const float* cs, const float* sn, int64_
   }
 }
 
-// One (row, kv head): rotate and store the new key and value, then attend the group's
-// queries. q and scores are scratch of group * hd and group * n floats.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void attend_unit(const float* row, const float* cs, const float* sn, float* kcache, float* vcache,
-                        const bool* keep, float* out, float* q, float* scores, int64_t h, int64_t n0,
-                        int64_t nh, int64_t nkv, int64_t hd, int64_t group, float scale,
-                        const float* next_k, const float* next_v) {
-  const int64_t n = n0 + 1, half = hd / 2;
-  float* knew = kcache + n0 * hd;
-  std::copy(row + (nh + h) * hd, row + (nh + h + 1) * hd, knew);
-  rope_pairs(knew, cs, sn, half);
-  std::copy(row + (nh + nkv + h) * hd, row + (nh + nkv + h + 1) * hd, vcache + n0 * hd);
-  for (int64_t g = 0; g < group; ++g) {
-    std::copy(row + (h * group + g) * hd, row + (h * group + g + 1) * hd, q + g * hd);
-    rope_pairs(q + g * hd, cs, sn, half);
+namespace {
+
+constexpr int MAX_GROUP = 8;  // query heads per kv head handled in one pass; more are chunked
+
+// scores[g][0 : 16] = q_g . key_j for the G queries of q (G x hd) and the 16 keys of one
+// block (hd x 16), masked to the block's real keys. The same block of the next unit is
+// prefetched meanwhile (nk may be null).
+template <int G>
+__attribute__((target("avx512f"))) void score_block(const float* q, int64_t hd, const float* kb, __mmask16 mask,
+                                                    float* scores, int64_t ld, const float* nk) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    if (nk) _mm_prefetch(reinterpret_cast<const char*>(nk + d * 16), _MM_HINT_T0);
+    const __m512 k = _mm512_maskz_loadu_ps(mask, kb + d * 16);
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * hd + d]), k, acc[g]);
   }
-  // scores, key-major so each cached key is read once for all queries of the group
+  for (int g = 0; g < G; ++g) _mm512_storeu_ps(scores + g * ld, acc[g]);
+}
+
+// out[g][c : c + 16 NV] = sum_j p[g][j] value_j[c : c + 16 NV] for the G queries.
+template <int G, int NV>
+__attribute__((target("avx512f"))) void value_block(const float* p, int64_t ld, const float* v, int64_t hd,
+                                                    int64_t n, int64_t c, float* out, const float* nv) {
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < NV; ++u) acc[g][u] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const float* k = kcache + j * hd;
-    if (next_k != nullptr)  // the next unit's keys and values come from memory meanwhile
-      for (int64_t c = 0; c < hd; c += 16) {
-        __builtin_prefetch(next_k + j * hd + c);
-        __builtin_prefetch(next_v + j * hd + c);
-      }
-    for (int64_t g = 0; g < group; ++g)
-      scores[g * n + j] = keep[j] ? dot(q + g * hd, k, hd) * scale : -INFINITY;
+    if (nv)
+      for (int u = 0; u < NV; ++u) _mm_prefetch(reinterpret_cast<const char*>(nv + j * hd + c + 16 * u), _MM_HINT_T0);
+    __m512 x[NV];
+    for (int u = 0; u < NV; ++u) x[u] = _mm512_loadu_ps(v + j * hd + c + 16 * u);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * ld + j]);
+      for (int u = 0; u < NV; ++u) acc[g][u] = _mm512_fmadd_ps(w, x[u], acc[g][u]);
+    }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * n;
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + g * hd + c + 16 * u, acc[g][u]);
+}
+
+using ScoreFn = void (*)(const float*, int64_t, const float*, __mmask16, float*, int64_t, const float*);
+using ValueFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, const float*);
+constexpr ScoreFn SCORE[MAX_GROUP + 1] = {nullptr,        score_block<1>, score_block<2>, score_block<3>,
+                                          score_block<4>, score_block<5>, score_block<6>, score_block<7>,
+                                          score_block<8>};
+// Up to 16 accumulators: 4 vectors of output for up to 4 queries, 2 for up to 8.
+constexpr ValueFn VALUE4[5] = {nullptr, value_block<1, 4>, value_block<2, 4>, value_block<3, 4>, value_block<4, 4>};
+constexpr ValueFn VALUE1[MAX_GROUP + 1] = {nullptr,           value_block<1, 1>, value_block<2, 1>,
+                                           value_block<3, 1>, value_block<4, 1>, value_block<5, 1>,
+                                           value_block<6, 1>, value_block<7, 1>, value_block<8, 1>};
+
+// Softmax of each query's scores over n keys, masked keys (keep false) weighted 0.
+__attribute__((target("avx512f"))) void softmax_rows(float* s, int64_t ld, int64_t rows, int64_t n, const bool* keep) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* r = s + g * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) r[j] = keep[j] ? r[j] : -INFINITY;
     float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, r[j]);
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < n; ++j) {  // masked scores are -inf and come out 0
-      s[j] = exp_nonpositive(s[j] - mx);
-      total += s[j];
+      r[j] = exp_nonpositive(r[j] - mx);
+      total += r[j];
     }
     const float inv = 1.f / total;
-    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-    std::fill(out + g * hd, out + (g + 1) * hd, 0.f);
-  }
-  // weighted values, key-major as well
-  for (int64_t j = 0; j < n; ++j) {
-    if (!keep[j]) continue;
-    const float* v = vcache + j * hd;
-    for (int64_t g = 0; g < group; ++g) axpy(out + g * hd, scores[g * n + j], v, hd);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) r[j] *= inv;
   }
 }
 
+struct Unit {
+  const float* row;  // this batch row of qkv
+  const float* cs;
+  const float* sn;
+  float* kb;  // this (row, kv head)'s keys, cap / 16 blocks of hd x 16
+  float* v;   // its values, cap x hd
+  const bool* keep;
+  float* out;          // group x hd
+  const float* nk;     // the next unit's keys and values, prefetched meanwhile (or null)
+  const float* nv;
+};
+
+// One (row, kv head): rotate and store the new key and value, then attend the group's
+// queries. q and scores are scratch of group * hd and group * ld floats.
+__attribute__((target("avx512f"))) void attend_unit(const Unit& U, int64_t h, int64_t n0, int64_t nh,
+                                                    int64_t nkv, int64_t hd, int64_t group, float scale, float* q,
+                                                    float* scores, int64_t ld) {
+  const int64_t n = n0 + 1, half = hd / 2;
+  float* knew = q;  // the new key, rotated in the scratch first
+  std::copy(U.row + (nh + h) * hd, U.row + (nh + h + 1) * hd, knew);
+  rope_pairs(knew, U.cs, U.sn, half);
+  float* kslot = U.kb + (n0 / 16) * hd * 16 + n0 % 16;
+  for (int64_t d = 0; d < hd; ++d) kslot[d * 16] = knew[d];
+  std::copy(U.row + (nh + nkv + h) * hd, U.row + (nh + nkv + h + 1) * hd, U.v + n0 * hd);
+  for (int64_t g = 0; g < group; ++g) {
+    float* qg = q + g * hd;
+    std::copy(U.row + (h * group + g) * hd, U.row + (h * group + g + 1) * hd, qg);
+    rope_pairs(qg, U.cs, U.sn, half);
+    for (int64_t d = 0; d < hd; ++d) qg[d] *= scale;
+  }
+  for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
+    const int64_t gn = std::min<int64_t>(MAX_GROUP, group - g0);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const __mmask16 mask = n - j0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j0)) - 1);
+      const int64_t blk = (j0 / 16) * hd * 16;
+      SCORE[gn](q + g0 * hd, hd, U.kb + blk, mask, scores + g0 * ld + j0, ld, g0 == 0 && U.nk ? U.nk + blk : nullptr);
+    }
+  }
+  softmax_rows(scores, ld, group, n, U.keep);
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const int64_t gn = std::min<int64_t>(4, group - g0);
+    const bool wide = hd % 64 == 0;  // 64 output features at a time, else 16
+    for (int64_t c = 0; c < hd; c += wide ? 64 : 16)
+      (wide ? VALUE4 : VALUE1)[gn](scores + g0 * ld, ld, U.v, hd, n, c, U.out + g0 * hd, g0 == 0 ? U.nv : nullptr);
+  }
+}
+
+}  // namespace
+
 // One decode step of attention for one layer, every row and kv head.
 // qkv: (b, (nh + 2 nkv) hd), q/k features pairwise interleaved; cos, sin: (b, hd/2);
-// kc, vc: (b, nkv, cap, hd); keep: (b, >= n0 + 1) bool. Writes k, v at n0.
-torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
+// kb: (b, nkv, cap / 16, hd, 16) keys in transposed blocks; vc: (b, nkv, cap, hd);
+// keep: (b, >= n0 + 1) bool.
+// Writes the new key and value at position n0.
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kb,
                                torch::Tensor vc, torch::Tensor keep, int64_t n0, int64_t nh, int64_t nkv,
                                double scale) {
-  const int64_t b = qkv.size(0), hd = kc.size(3), cap = kc.size(2), n = n0 + 1, half = hd / 2;
-  const int64_t group = nh / nkv, width = qkv.size(1);
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat,
+  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "decode_attention needs AVX-512F");
+  const int64_t b = qkv.size(0), hd = vc.size(3), cap = vc.size(2), n = n0 + 1, half = hd / 2;
+  const int64_t group = nh / nkv, width = qkv.size(1), ld = (n + 15) / 16 * 16;
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && kb.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat,
               "decode_attention takes float32 tensors");
   TORCH_CHECK(keep.scalar_type() == at::kBool, "keep must be bool");
   TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && keep.is_contiguous() &&
-                  kc.is_contiguous() && vc.is_contiguous(),
+                  kb.is_contiguous() && vc.is_contiguous(),
               "decode_attention takes contiguous tensors");
-  TORCH_CHECK(n <= cap && keep.size(1) >= n && width == (nh + 2 * nkv) * hd && nh % nkv == 0 && hd % 2 == 0,
-              "decode_attention: inconsistent shapes");
+  TORCH_CHECK(kb.dim() == 5 && kb.size(2) * 16 == cap && kb.size(3) == hd && kb.size(4) == 16 && n <= cap &&
+                  keep.size(1) >= n && width == (nh + 2 * nkv) * hd && nh % nkv == 0 && hd % 16 == 0,
+              "decode_attention: inconsistent shapes (head dim must be a multiple of 16)");
   auto out = torch::empty({b, nh * hd}, qkv.options());
   const float* qkv_p = qkv.data_ptr<float>();
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
-  float* kc_p = kc.data_ptr<float>();
+  float* kb_p = kb.data_ptr<float>();
   float* vc_p = vc.data_ptr<float>();
   const bool* keep_p = keep.data_ptr<bool>();
-  const int64_t keep_stride = keep.size(1);
+  const int64_t keep_stride = keep.size(1), unit = cap * hd;
   float* out_p = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, b * nkv, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> q(group * hd), scores(group * n);
+    std::vector<float> q(group * hd), scores(group * ld);
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t r = u / nkv, h = u % nkv;
       const bool more = u + 1 < hi;
-      attend_unit(qkv_p + r * width, cos_p + r * half, sin_p + r * half, kc_p + (r * nkv + h) * cap * hd,
-                  vc_p + (r * nkv + h) * cap * hd, keep_p + r * keep_stride, out_p + r * nh * hd + h * group * hd,
-                  q.data(), scores.data(), h, n0, nh, nkv, hd, group, sc,
-                  more ? kc_p + (u + 1) * cap * hd : nullptr, more ? vc_p + (u + 1) * cap * hd : nullptr);
+      const Unit U{qkv_p + r * width, cos_p + r * half, sin_p + r * half, kb_p + u * unit, vc_p + u * unit,
+                   keep_p + r * keep_stride, out_p + r * nh * hd + h * group * hd,
+                   more ? kb_p + (u + 1) * unit : nullptr, more ? vc_p + (u + 1) * unit : nullptr};
+      attend_unit(U, h, n0, nh, nkv, hd, group, sc, q.data(), scores.data(), ld);
     }
   });
   return out;
@@ -155,7 +235,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 // gemm.cpp
-bool gemm_supported();
+bool cpu_supported();
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, bool swiglu);
@@ -164,7 +244,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("decode_attention", &decode_attention,
         "RoPE + KV-cache write + attention of one decode step of one layer (see the top of this file)");
-  m.def("gemm_supported", &gemm_supported, "whether this CPU runs packed_linear (AVX-512F)");
+  m.def("cpu_supported", &cpu_supported, "whether this CPU runs these kernels (AVX-512F)");
   m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
   m.def("packed_linear", &packed_linear, "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),

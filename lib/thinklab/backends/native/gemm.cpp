@@ -16,7 +16,7 @@
 // memory once however many rows there are. For SwiGLU the gate's and the up projection's
 // panels alternate, and the output is silu(gate) * up.
 //
-// The kernels need AVX-512F; `gemm_supported()` says whether this CPU has it, and lean.py
+// The kernels need AVX-512F; `cpu_supported()` says whether this CPU has it, and lean.py
 // falls back to oneDNN where it does not.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -127,7 +127,7 @@ __attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p
 
 }  // namespace
 
-bool gemm_supported() { return __builtin_cpu_supports("avx512f"); }
+bool cpu_supported() { return __builtin_cpu_supports("avx512f"); }
 
 // (N, K) -> (ceil(N / 48), K, 48), zero past N.
 torch::Tensor pack_weight(torch::Tensor w) {
@@ -142,7 +142,7 @@ torch::Tensor pack_weight(torch::Tensor w) {
 // SwiGLU); bias laid out like the packed columns; residual (..., n) or None.
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, bool swiglu) {
-  TORCH_CHECK(gemm_supported(), "packed_linear needs AVX-512F");
+  TORCH_CHECK(cpu_supported(), "packed_linear needs AVX-512F");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "packed_linear takes float32 tensors");
   TORCH_CHECK(w.dim() == 3 && w.size(2) == NR && w.is_contiguous(), "packed_linear: w must come from pack_weight");
   const int64_t K = x.size(-1), units = swiglu ? w.size(0) / 2 : w.size(0);
