@@ -123,7 +123,21 @@ def test_kv_cache_writes_reads_and_selects_rows():
     assert torch.equal(cache.v[1][:, :, :18], -kept)
 
 
-def test_inverse_cdf_sampler_matches_the_distribution():
+def _torch_sampler(p, u, block=1024):
+    return sample_inverse_cdf(p, u, block=block)
+
+
+def _native_sampler(p, u, block=1024):
+    from thinklab.backends.lean import native_ops
+
+    return native_ops().trace_and_sample(p.log(), u, block)[0]  # log 0 = -inf: a masked token
+
+
+SAMPLERS = pytest.mark.parametrize("sample", [_torch_sampler, _native_sampler], ids=["torch", "native"])
+
+
+@SAMPLERS
+def test_inverse_cdf_sampler_matches_the_distribution(sample):
     """Chi-square goodness of fit over 200k draws from a known distribution with zero-mass tokens,
     with blocks small enough that the two-level search crosses many block boundaries."""
     g = torch.Generator().manual_seed(1234)
@@ -133,7 +147,7 @@ def test_inverse_cdf_sampler_matches_the_distribution():
     p = torch.softmax(logits, -1)
     N = 200_000
     u = torch.rand(N, generator=g, dtype=torch.float64)
-    toks = sample_inverse_cdf(p.expand(N, V).contiguous(), u, block=8)
+    toks = sample(p.expand(N, V).contiguous(), u, block=8)
     counts = torch.bincount(toks, minlength=V).double()
     assert counts[::5].sum() == 0, "a token with zero probability was drawn"
     expected = N * p[0].double()
@@ -146,17 +160,42 @@ def test_inverse_cdf_sampler_matches_the_distribution():
     assert chi2 < limit, f"chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}"
 
 
-def test_inverse_cdf_sampler_edges():
+@SAMPLERS
+def test_inverse_cdf_sampler_edges(sample):
     p = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
-    lo = sample_inverse_cdf(p, torch.tensor([0.0], dtype=torch.float64), block=4)
-    hi = sample_inverse_cdf(p, torch.tensor([1.0 - 2**-53], dtype=torch.float64), block=4)
-    mid = sample_inverse_cdf(p, torch.tensor([0.2499], dtype=torch.float64), block=4)
-    after = sample_inverse_cdf(p, torch.tensor([0.2501], dtype=torch.float64), block=4)
+    lo = sample(p, torch.tensor([0.0], dtype=torch.float64), block=4)
+    hi = sample(p, torch.tensor([1.0 - 2**-53], dtype=torch.float64), block=4)
+    mid = sample(p, torch.tensor([0.2499], dtype=torch.float64), block=4)
+    after = sample(p, torch.tensor([0.2501], dtype=torch.float64), block=4)
     assert (lo.item(), mid.item(), after.item(), hi.item()) == (1, 1, 3, 3)
     # a point mass (what temperature near 0 looks like) always yields its token, whatever u
     point = torch.zeros(3, 5000)
     point[:, 4321] = 1.0
-    assert sample_inverse_cdf(point, torch.tensor([0.0, 0.5, 1.0 - 2**-53], dtype=torch.float64)).tolist() == [4321] * 3
+    assert sample(point, torch.tensor([0.0, 0.5, 1.0 - 2**-53], dtype=torch.float64)).tolist() == [4321] * 3
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
+                                      dict(temperature=0.6, top_k=20)], ids=["greedy", "t1", "top-p", "top-k"])
+def test_native_trace_and_sample_matches_the_torch_path(sampling):
+    """The fused kernel the decode loop uses on CPU gives the torch path's tokens, log-probabilities
+    and entropies (hf.process_logits, sample_inverse_cdf, entropy_from_logp)."""
+    from thinklab.backends.hf import entropy_from_logp, process_logits, sampling_logits
+    from thinklab.backends.lean import native_ops
+    from thinklab.config import SamplingSpec
+
+    spec = SamplingSpec(**sampling)
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(64, 5000, generator=g) * 2
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    logp = process_logits(logits, spec)
+    p = logp.exp()
+    tok = logp.argmax(-1) if spec.temperature == 0 else sample_inverse_cdf(p, u)
+    n_tok, n_lp, n_ent = native_ops().trace_and_sample(sampling_logits(logits, spec),
+                                                        None if spec.temperature == 0 else u)
+    assert torch.equal(n_tok, tok)
+    assert torch.allclose(n_lp, logp.gather(-1, tok[:, None]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(n_ent, entropy_from_logp(logp, p), atol=1e-5)
+    assert n_ent.mean() > 0.5  # the distributions are far from point masses, so the comparison means something
 
 
 @pytest.mark.slow

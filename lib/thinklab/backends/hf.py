@@ -44,10 +44,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def process_logits(logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
     """Log-probabilities of the distribution tokens are drawn from. (B, V) float32 -> (B, V)."""
+    return torch.log_softmax(sampling_logits(logits, sampling), dim=-1)
+
+
+def sampling_logits(logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
+    """The logits whose softmax tokens are drawn from: divided by the temperature (none at
+    temperature 0, where the argmax is taken), top-k and top-p masked to -inf."""
     x = logits.float()
     if sampling.temperature == 0:
-        return torch.log_softmax(x, dim=-1)
-    x = x / sampling.temperature
+        return x
+    if sampling.temperature != 1:
+        x = x / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
         kth = torch.topk(x, sampling.top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, -math.inf)
@@ -58,7 +65,7 @@ def process_logits(logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor
         drop_sorted = mass_before >= sampling.top_p  # the first token is always kept
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, -math.inf)
-    return torch.log_softmax(x, dim=-1)
+    return x
 
 
 def sample_inverse_cdf(p: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
@@ -254,16 +261,19 @@ class HFBackend(Backend):
         stop_window = max((len(s) for s in stop), default=0) + 4
         eos = torch.tensor(sorted(self.eos_ids), device=dev)
 
+        native = self.lean.native if self.lean is not None else None
         for step in range(max_new_tokens):
-            logp = process_logits(logits, sampling)  # (b, V), b = rows still generating
-            p = logp.exp()
-            if uniforms is None:
-                tok = logp.argmax(dim=-1)
+            u = None if uniforms is None else uniforms[rows_t, step]
+            if native is not None:  # the same rule fused into one pass per row (native/sampling.cpp)
+                tok, lp, ent = native.trace_and_sample(sampling_logits(logits, sampling), u)
             else:
-                tok = sample_inverse_cdf(p, uniforms[rows_t, step])
+                logp = process_logits(logits, sampling)  # (b, V), b = rows still generating
+                p = logp.exp()
+                tok = logp.argmax(dim=-1) if u is None else sample_inverse_cdf(p, u)
+                ent, lp = entropy_from_logp(logp, p), logp.gather(-1, tok[:, None]).squeeze(-1)
             tokens[rows_t, step] = tok
-            ents[rows_t, step] = entropy_from_logp(logp, p)
-            lps[rows_t, step] = logp.gather(-1, tok[:, None]).squeeze(-1)
+            ents[rows_t, step] = ent
+            lps[rows_t, step] = lp
             is_eos = torch.isin(tok, eos).tolist()  # one host sync per step
             tok_host = tok.tolist()
             keep = []

@@ -42,15 +42,16 @@ import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 NATIVE_DIR = Path(__file__).parent / "native"
-NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp"]
+NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp", NATIVE_DIR / "sampling.cpp"]
 _native = None  # the loaded extension, or False once it proved unavailable
 
 
 def native_ops():
-    """The native kernels (native/*.cpp: decode attention, RMSNorm, packed GEMMs), built on
-    first use and cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR; None if
-    they cannot be built or run (no compiler, a CPU without AVX-512F, THINKLAB_NATIVE=0), in
-    which case the lean forward uses oneDNN, SDPA and F.rms_norm.
+    """The native kernels (native/*.cpp: decode attention, RMSNorm, packed GEMMs, and the
+    fused token choice and trace of hf.py), built on first use and cached by
+    torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR; None if they cannot be built or
+    run (no compiler, a CPU without AVX-512F, THINKLAB_NATIVE=0), in which case the lean
+    forward uses oneDNN, SDPA and F.rms_norm, and sampling runs as torch operations.
 
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is

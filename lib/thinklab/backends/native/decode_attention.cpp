@@ -240,6 +240,11 @@ torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, bool swiglu);
 
+// sampling.cpp
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::Tensor x,
+                                                                         c10::optional<torch::Tensor> u,
+                                                                         int64_t block);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("decode_attention", &decode_attention,
@@ -249,4 +254,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("residual") = pybind11::none(), pybind11::arg("swiglu") = false);
+  m.def("trace_and_sample", &trace_and_sample,
+        "(token, log-probability, entropy) per row of processed logits (see sampling.cpp)", pybind11::arg("x"),
+        pybind11::arg("u") = pybind11::none(), pybind11::arg("block") = 1024);
 }
