@@ -7,18 +7,20 @@ and at batch 16 those cost as much as the matrix products themselves (profile in
 BENCHMARKS.md). This module runs the same weights with the same arithmetic in fewer,
 larger operations:
 
-  - every projection is a oneDNN GEMM against a weight packed once at load (the default
-    path repacks it on every call); q/k/v are one GEMM against their concatenation;
-  - residual adds, SiLU and the gate-times-up product run inside the GEMMs (oneDNN
-    post-ops) instead of as separate passes over the activations;
+  - every projection is one GEMM against a weight packed once at load; q/k/v are one GEMM
+    against their concatenation. With the native kernels (native/*.cpp, C++ built on
+    first use, AVX-512) the GEMMs are thinklab's own (native/gemm.cpp: streams the weight
+    with prefetching, ~1.4x oneDNN at decode shapes); otherwise oneDNN's;
+  - residual adds, SiLU, the gate-times-up product and RMSNorm run inside the GEMMs
+    (RMSNorm's weight folded into the packed weight, 1 / rms applied in the write-out;
+    oneDNN post-ops on the fallback path) instead of as separate passes;
   - RoPE is one complex multiplication over queries and keys together (their head
     features are stored pairwise interleaved, which leaves attention scores unchanged);
-  - keys and values are written into a preallocated cache (no `cat`) and attention reads
-    a view of it; grouped-query heads are folded into the query length, so nothing is
-    copied per head;
-  - at decode, RoPE, the cache write and attention of a layer are one call into a small
-    C++ kernel, and RMSNorm another (native/decode_attention.cpp, built on first use;
-    without a compiler the same steps run as torch operations and SDPA).
+  - keys and values are written into a preallocated cache (no `cat`); grouped-query
+    heads are folded into the query length, so nothing is copied per head;
+  - at decode, RoPE, the cache write and attention of a layer are one call into a C++
+    kernel (native/decode_attention.cpp); without the native kernels (no compiler, no
+    AVX-512, THINKLAB_NATIVE=0) the same steps run as torch operations and SDPA.
 
 It reads the weights of a loaded transformers model and keeps its own packed copies
 (memory: about the size of the linear weights), and it uses the model's own rotary
@@ -147,37 +149,57 @@ def _panel_bias(bias: torch.Tensor, panels: int) -> torch.Tensor:
     return out
 
 
+@dataclass
+class RMSNorm:
+    weight: torch.Tensor
+    eps: float
+
+
 class Projection:
     """One linear layer's weight (or several stacked: q, k, v), packed once for the GEMM that
     runs it: the native kernel (native/gemm.cpp) where the native kernels are available
-    (`native_ops()`), oneDNN otherwise. `proj(x)` is x W^T + b; `proj(x, residual)` adds the
-    residual inside the GEMM's write-out."""
+    (`native_ops()`), oneDNN otherwise. `proj(x)` is x W^T + b, or RMSNorm(x) W^T + b if
+    the projection was given the norm that precedes it; `proj(x, residual)` adds the
+    residual inside the GEMM's write-out.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native, batch_hint: int):
+    The native GEMM folds the norm's weight into the packed weight and applies each row's
+    1 / rms in its write-out, so the normalized activations are never written."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native, batch_hint: int,
+                 norm: RMSNorm | None = None):
         self.n = weight.shape[0]
-        self.native = native
+        self.native, self.norm = native, norm
         if native is not None:
-            self.w = native.pack_weight(weight.detach().contiguous())
+            w = weight.detach() if norm is None else weight.detach() * norm.weight.detach()
+            self.w = native.pack_weight(w.contiguous())
             self.bias = None if bias is None else _panel_bias(bias, self.w.shape[0])
         else:
             self.w, self.bias = _pack(weight, batch_hint), bias
 
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM's input on the oneDNN path."""
+        return x if self.norm is None else F.rms_norm(x, (x.shape[-1],), self.norm.weight, self.norm.eps)
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.native is not None:
-            return self.native.packed_linear(x, self.w, self.n, self.bias, residual)
+            return self.native.packed_linear(x, self.w, self.n, self.bias, residual, False, self._eps())
         if residual is None:
-            return _linear(x, self.w, self.bias)
-        return _linear_add(x, self.w, self.bias, residual)
+            return _linear(self.normed(x), self.w, self.bias)
+        return _linear_add(self.normed(x), self.w, self.bias, residual)
+
+    def _eps(self) -> float:
+        return -1.0 if self.norm is None else self.norm.eps  # negative: no norm
 
 
-class SwiGLU:
-    """silu(x W_gate^T + b_gate) * (x W_up^T + b_up): one native GEMM over the gate's and the
-    up projection's panels interleaved, or two oneDNN GEMMs with SiLU and the product as
-    post-ops."""
+class SwiGLU(Projection):
+    """silu(x W_gate^T + b_gate) * (x W_up^T + b_up) (x normalized first if given a norm):
+    one native GEMM over the gate's and the up projection's panels interleaved, or two
+    oneDNN GEMMs with SiLU and the product as post-ops."""
 
-    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, native, batch_hint: int):
-        self.native = native
-        self.gate, self.up = (Projection(m.weight, _bias(m), native, batch_hint) for m in (gate, up))
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, native, batch_hint: int,
+                 norm: RMSNorm | None = None):
+        self.native, self.norm = native, norm
+        self.gate, self.up = (Projection(m.weight, _bias(m), native, batch_hint, norm) for m in (gate, up))
         if native is not None:  # panels gate 0, up 0, gate 1, up 1, ...
             self.n = self.gate.n
             self.w = torch.stack([self.gate.w, self.up.w], 1).flatten(0, 1).contiguous()
@@ -190,17 +212,16 @@ class SwiGLU:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
-            return self.native.packed_linear(x, self.w, self.n, self.bias, None, True)
-        return _linear_mul(x, self.up.w, self.up.bias, _linear(x, self.gate.w, self.gate.bias, "swish"))
+            return self.native.packed_linear(x, self.w, self.n, self.bias, None, True, self._eps())
+        h = self.normed(x)
+        return _linear_mul(h, self.up.w, self.up.bias, _linear(h, self.gate.w, self.gate.bias, "swish"))
 
 
 @dataclass
 class _Layer:
-    ln1: torch.Tensor
-    qkv: Projection
+    qkv: Projection  # with the input RMSNorm
     o: Projection
-    ln2: torch.Tensor
-    mlp: SwiGLU
+    mlp: SwiGLU  # with the post-attention RMSNorm
     down: Projection
 
 
@@ -295,25 +316,26 @@ class LeanDecoder:
         self.scale = self.head_dim**-0.5
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
-        self.norm = inner.norm.weight.detach()
         self.native = gemm = native_ops() if native else None
         # the native attention kernel works in 16-feature vectors of each head
         self.native_attention = self.native is not None and self.head_dim % 16 == 0
-        self.lm_head = Projection(model.lm_head.weight, _bias(model.lm_head), gemm, batch_hint)
+        self.lm_head = Projection(model.lm_head.weight, _bias(model.lm_head), gemm, batch_hint,
+                                  RMSNorm(inner.norm.weight, self.eps))
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             qkv = [a.q_proj, a.k_proj, a.v_proj]
             qkv_bias = _cat_bias(qkv, self.device)
             self.layers.append(_Layer(
-                ln1=layer.input_layernorm.weight.detach(),
                 qkv=Projection(self._interleave_qk(torch.cat([x.weight for x in qkv])),
-                               None if qkv_bias is None else self._interleave_qk(qkv_bias), gemm, batch_hint),
+                               None if qkv_bias is None else self._interleave_qk(qkv_bias), gemm, batch_hint,
+                               RMSNorm(layer.input_layernorm.weight, self.eps)),
                 o=Projection(a.o_proj.weight, _bias(a.o_proj), gemm, batch_hint),
-                ln2=layer.post_attention_layernorm.weight.detach(),
-                mlp=SwiGLU(m.gate_proj, m.up_proj, gemm, batch_hint),
+                mlp=SwiGLU(m.gate_proj, m.up_proj, gemm, batch_hint,
+                           RMSNorm(layer.post_attention_layernorm.weight, self.eps)),
                 down=Projection(m.down_proj.weight, _bias(m.down_proj), gemm, batch_hint),
             ))
+
     def describe(self) -> str:
         """Which kernels run this forward, as recorded in a run's backend info."""
         gemm = "native packed GEMMs" if self.native is not None else "oneDNN prepacked GEMMs"
@@ -345,7 +367,7 @@ class LeanDecoder:
         n0, n = cache.length, cache.length + T
         if n > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {n} were asked for")
-        H, nh, nkv, hd = self.hidden, self.n_heads, self.n_kv, self.head_dim
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         group = nh // nkv
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x, position_ids)  # (b, T, hd), the two halves equal
@@ -362,11 +384,8 @@ class LeanDecoder:
             keep1 = keep.view(b, n).contiguous()
         else:
             rot = torch.complex(cos[..., :half], sin[..., :half])[:, :, None]  # (b, T, 1, hd/2)
-        norm = (lambda t, w: self.native.rms_norm(t, w, self.eps)) if self.native is not None else (
-            lambda t, w: F.rms_norm(t, (H,), w, self.eps))
         for i, L in enumerate(self.layers):
-            h = norm(x, L.ln1)
-            qkv = L.qkv(h)
+            qkv = L.qkv(x)
             kc, vc = cache.k[i], cache.v[i]
             if native is not None:
                 # RoPE, the cache write and attention for every row and kv head in one call.
@@ -391,8 +410,6 @@ class LeanDecoder:
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
             # Residual adds and the SwiGLU gating run inside the GEMMs' write-out.
             x = L.o(out, x)
-            h = norm(x, L.ln2)
-            x = L.down(L.mlp(h), x)
+            x = L.down(L.mlp(x), x)
         cache.length = n
-        last = norm(x[:, -1].contiguous(), self.norm)
-        return self.lm_head(last)
+        return self.lm_head(x[:, -1].contiguous())

@@ -1,5 +1,5 @@
 // Native kernels for thinklab's lean CPU forward (thinklab/backends/lean.py): the
-// decode-step attention and RMSNorm.
+// decode-step attention, and the module's bindings (gemm.cpp, sampling.cpp).
 //
 // One call does, for every batch row and kv head of one layer: RoPE on the new key and
 // on the `group` queries that share it (features stored as interleaved pairs), writes the
@@ -14,8 +14,8 @@
 // capacity / 16, head dim, 16). The scores of a block's 16 keys are then one AVX-512 vector
 // accumulated over the head dimension (no horizontal sums), and a head's keys are still
 // one contiguous stream for the hardware prefetcher. Values stay (b, kv heads, capacity,
-// head dim); the weighted sum keeps its outputs in registers across keys. The attention kernel needs AVX-512F (as
-// the GEMMs in gemm.cpp do); RMSNorm is compiled for AVX-512, AVX2 and a generic target.
+// head dim); the weighted sum keeps its outputs in registers across keys. Like the other
+// native kernels it needs AVX-512F.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -24,13 +24,6 @@
 #include <vector>
 
 #include "simd_math.h"
-
-static inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 static inline void rope_pairs(float* x, const float* cs, const float* sn, int64_t half) {
 #pragma omp simd
@@ -207,38 +200,11 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   return out;
 }
 
-// RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * w, in float32. One pass
-// per row instead of the six tensor operations F.rms_norm decomposes into on CPU.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void rms_rows(const float* x, const float* w, float* y, int64_t rows, int64_t H, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * H;
-    float* yr = y + r * H;
-    const float inv = 1.f / std::sqrt(dot(xr, xr, H) / static_cast<float>(H) + eps);
-#pragma omp simd
-    for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
-  }
-}
-
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm takes float32 tensors");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 1 && x.size(-1) == w.size(0),
-              "rms_norm: x (..., H) and w (H,) contiguous");
-  auto y = torch::empty_like(x);
-  const int64_t H = w.size(0), rows = x.numel() / H;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) { rms_rows(xp + lo * H, wp, yp + lo * H, hi - lo, H, e); });
-  return y;
-}
-
 // gemm.cpp
 bool cpu_supported();
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
-                            c10::optional<torch::Tensor> residual, bool swiglu);
+                            c10::optional<torch::Tensor> residual, bool swiglu, double rms_eps);
 
 // sampling.cpp
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::Tensor x,
@@ -246,14 +212,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::
                                                                          int64_t block);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("decode_attention", &decode_attention,
         "RoPE + KV-cache write + attention of one decode step of one layer (see the top of this file)");
   m.def("cpu_supported", &cpu_supported, "whether this CPU runs these kernels (AVX-512F)");
   m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
-  m.def("packed_linear", &packed_linear, "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels",
+  m.def("packed_linear", &packed_linear,
+        "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels, optionally RMS-normalizing x first",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("residual") = pybind11::none(), pybind11::arg("swiglu") = false);
+        pybind11::arg("residual") = pybind11::none(), pybind11::arg("swiglu") = false,
+        pybind11::arg("rms_eps") = -1.0);
   m.def("trace_and_sample", &trace_and_sample,
         "(token, log-probability, entropy) per row of processed logits (see sampling.cpp)", pybind11::arg("x"),
         pybind11::arg("u") = pybind11::none(), pybind11::arg("block") = 1024);

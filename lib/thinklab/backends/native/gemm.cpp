@@ -21,6 +21,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
+#include <vector>
 
 #include "simd_math.h"
 
@@ -66,6 +68,7 @@ struct Problem {
   const float* w;         // packed panels
   const float* bias;      // per packed column (panels x 48), or nullptr
   const float* residual;  // (M, N), added to the output, or nullptr
+  const float* row_scale; // (M,), multiplies each row's product (RMSNorm's 1 / rms), or nullptr
   float* y;               // (M, N)
   int64_t M, K, N;
 };
@@ -77,7 +80,7 @@ inline const float* prefetch_for(int64_t m0, const float* w, const float* next) 
   return m0 == 0 ? w + PREFETCH * NR : m0 == MR ? next : nullptr;
 }
 
-// Output panel p of a plain product: y[:, 48p : 48p + 48] (+ bias, + residual).
+// Output panel p of a plain product: y[:, 48p : 48p + 48] (x row scale, + bias, + residual).
 __attribute__((target("avx512f"))) void plain_panel(const Problem& P, int64_t p, bool more) {
   alignas(64) float t[MR * NR];
   const int64_t c0 = p * NR, cols = std::min(NR, P.N - c0);
@@ -90,20 +93,21 @@ __attribute__((target("avx512f"))) void plain_panel(const Problem& P, int64_t p,
     for (int64_t m = 0; m < rows; ++m) {
       float* yr = P.y + (m0 + m) * P.N + c0;
       const float* tr = t + m * NR;
+      const float s = P.row_scale ? P.row_scale[m0 + m] : 1.f;
       if (P.residual) {
         const float* rr = P.residual + (m0 + m) * P.N + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) yr[c] = tr[c] + b[c] + rr[c];
+        for (int64_t c = 0; c < cols; ++c) yr[c] = tr[c] * s + b[c] + rr[c];
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) yr[c] = tr[c] + b[c];
+        for (int64_t c = 0; c < cols; ++c) yr[c] = tr[c] * s + b[c];
       }
     }
   }
 }
 
 // Output panel p of SwiGLU: packed panels 2p (gate) and 2p + 1 (up) give
-// y[:, 48p : 48p + 48] = silu(x gate^T + b_gate) * (x up^T + b_up).
+// y[:, 48p : 48p + 48] = silu(s x gate^T + b_gate) * (s x up^T + b_up), s the row scale.
 __attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p, bool more) {
   alignas(64) float g[MR * NR], u[MR * NR];
   const int64_t c0 = p * NR, cols = std::min(NR, P.N - c0);
@@ -119,13 +123,21 @@ __attribute__((target("avx512f"))) void swiglu_panel(const Problem& P, int64_t p
       float* yr = P.y + (m0 + m) * P.N + c0;
       const float* gr = g + m * NR;
       const float* ur = u + m * NR;
+      const float s = P.row_scale ? P.row_scale[m0 + m] : 1.f;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) yr[c] = silu(gr[c] + bg[c]) * (ur[c] + bu[c]);
+      for (int64_t c = 0; c < cols; ++c) yr[c] = silu(gr[c] * s + bg[c]) * (ur[c] * s + bu[c]);
     }
   }
 }
 
 }  // namespace
+
+__attribute__((target("avx512f"))) float inverse_rms(const float* x, int64_t K, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < K; ++k) ss += x[k] * x[k];
+  return 1.f / std::sqrt(ss / static_cast<float>(K) + eps);
+}
 
 bool cpu_supported() { return __builtin_cpu_supports("avx512f"); }
 
@@ -140,8 +152,12 @@ torch::Tensor pack_weight(torch::Tensor w) {
 
 // x (..., K) against packed panels; `n` output columns (n <= 48 x panels, or half of that for
 // SwiGLU); bias laid out like the packed columns; residual (..., n) or None.
+//
+// With rms_eps >= 0 the input is RMS-normalized first: RMSNorm(x) W^T = (x W'^T) / rms(x)
+// where W' = W diag(norm weight), so a weight packed with the norm weight folded in needs
+// only each row's 1 / sqrt(mean(x^2) + eps), applied in the write-out.
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
-                            c10::optional<torch::Tensor> residual, bool swiglu) {
+                            c10::optional<torch::Tensor> residual, bool swiglu, double rms_eps) {
   TORCH_CHECK(cpu_supported(), "packed_linear needs AVX-512F");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "packed_linear takes float32 tensors");
   TORCH_CHECK(w.dim() == 3 && w.size(2) == NR && w.is_contiguous(), "packed_linear: w must come from pack_weight");
@@ -153,7 +169,8 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::op
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   auto y = torch::empty(shape, x.options());
-  Problem P{xc.data_ptr<float>(), w.data_ptr<float>(), nullptr, nullptr, y.data_ptr<float>(), xc.numel() / K, K, n};
+  Problem P{xc.data_ptr<float>(), w.data_ptr<float>(), nullptr, nullptr, nullptr, y.data_ptr<float>(),
+            xc.numel() / K, K, n};
   torch::Tensor b, r;
   if (bias && bias->defined()) {
     b = bias->contiguous();
@@ -168,6 +185,12 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::op
     P.residual = r.data_ptr<float>();
   }
   if (P.M == 0) return y;
+  std::vector<float> scale;
+  if (rms_eps >= 0) {
+    scale.resize(P.M);
+    for (int64_t m = 0; m < P.M; ++m) scale[m] = inverse_rms(P.x + m * K, K, static_cast<float>(rms_eps));
+    P.row_scale = scale.data();
+  }
   at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) swiglu ? swiglu_panel(P, p, p + 1 < hi) : plain_panel(P, p, p + 1 < hi);
   });
