@@ -8,9 +8,10 @@ The profiler adds a few microseconds to every operator, which inflates the many 
 ones; use it to rank, and benchmarks/decode_roofline.py for speeds.
 
 It then times one decode-shaped GEMM of the model (the MLP's up projection, batch rows
-x hidden x intermediate, oneDNN with a prepacked weight) with its weight hot in cache and
-streamed from memory (cycling through enough copies to overflow the last-level cache),
-which is what bounds the linear layers in decode.
+x hidden x intermediate) through oneDNN with a prepacked weight and through thinklab's
+packed GEMM, with its weight hot in cache and streamed from memory (cycling through
+enough copies to overflow the last-level cache), which is what bounds the linear layers
+in decode.
 
     python benchmarks/decode_profile.py [--model default] [--batch 16] [--tokens 32] [--transformers]
 """
@@ -34,7 +35,8 @@ GROUPS = {  # first match wins
     "attention (incl. RoPE and cache write in the native kernel)": ("attention", "softmax"),
     "norm": ("rms_norm", "pow", "mean", "rsqrt"),
     "KV cache (write, cat, select)": ("cat", "copy_", "index", "slice_scatter"),
-    "sampling and tracing": ("log_softmax", "cumsum", "searchsorted", "exp", "argmax", "gather", "isin", "topk", "sort"),
+    "sampling and tracing": ("trace_and_sample", "log_softmax", "cumsum", "searchsorted", "exp", "argmax", "gather",
+                             "isin", "topk", "sort"),
 }
 
 
@@ -71,29 +73,41 @@ def self_times(backend, prompts, tokens: int) -> dict[str, float]:
 
 
 def gemm_hot_vs_streamed(batch: int, k: int, n: int, cache_bytes: int = 64 << 20) -> None:
+    """One decode-shaped GEMM through oneDNN and through thinklab's packed GEMM, its weight
+    hot in cache and streamed from memory (cycling through copies that overflow the cache)."""
     import statistics
     import time
 
+    from thinklab.backends.lean import native_ops
+
     x = torch.randn(batch, k)
     copies = max(2, 2 * cache_bytes // (k * n * 4))
-    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), batch) for _ in range(copies)]
+    raw = [torch.randn(n, k) for _ in range(copies)]
+    kernels = {"oneDNN, prepacked": ([torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in raw],
+                                     lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))}
+    native = native_ops()
+    if native is not None:
+        kernels["thinklab packed GEMM"] = ([native.pack_weight(w) for w in raw],
+                                           lambda w: native.packed_linear(x, w, n))
     flops = 2 * batch * k * n
 
-    def median_seconds(ws, calls=300):
+    def median_seconds(fn, ws, calls=300):
         times = []
         for i in range(calls):
             t0 = time.perf_counter()
-            torch.ops.mkldnn._linear_pointwise(x, ws[i % len(ws)], None, "none", [], "")
+            fn(ws[i % len(ws)])
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    print(f"\nGEMM [{batch}, {k}] x [{k}, {n}], {torch.get_num_threads()} threads, {copies} weight copies cycled "
+          "when streamed:")
     with torch.inference_mode():
-        median_seconds(weights[:1], 20)
-        hot, streamed = median_seconds(weights[:1]), median_seconds(weights)
-    print(f"\nGEMM [{batch}, {k}] x [{k}, {n}] (oneDNN, prepacked), {torch.get_num_threads()} threads:")
-    print(f"  weight in cache    {hot * 1e6:7.0f} us  {flops / hot / 1e9:6.1f} GFLOP/s")
-    print(f"  weight streamed    {streamed * 1e6:7.0f} us  {flops / streamed / 1e9:6.1f} GFLOP/s  "
-          f"({k * n * 4 / streamed / 1e9:.1f} GB/s of weights; {copies} copies cycled)")
+        for name, (ws, fn) in kernels.items():
+            median_seconds(fn, ws[:1], 20)
+            hot, streamed = median_seconds(fn, ws[:1]), median_seconds(fn, ws)
+            print(f"  {name:<22} in cache {hot * 1e6:6.0f} us {flops / hot / 1e9:6.1f} GFLOP/s   streamed "
+                  f"{streamed * 1e6:6.0f} us {flops / streamed / 1e9:6.1f} GFLOP/s "
+                  f"({k * n * 4 / streamed / 1e9:.1f} GB/s of weights)")
 
 
 def main() -> None:
@@ -114,7 +128,10 @@ def main() -> None:
         backend = get_backend(spec)
     lean = getattr(backend, "lean", None)
     if lean is not None and lean.native is not None:
-        lean.native = _Recorded(lean.native)
+        recorded = _Recorded(lean.native)
+        lean.native = recorded
+        for proj in [lean.lm_head] + [p for L in lean.layers for p in (L.qkv, L.o, L.mlp, L.down)]:
+            proj.native = recorded
     tok = backend.tokenizer
     texts = [tok.apply_chat_template([{"role": "user", "content": f"Count from {i} to {i + 40}."}],
                                      add_generation_prompt=True, tokenize=False) for i in range(args.batch)]
