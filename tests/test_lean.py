@@ -4,6 +4,8 @@ distribution it is given."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,11 +63,25 @@ def test_lean_matches_transformers_on_the_embedded_model(fast_backend):
     assert worst < 1e-3 * scale, f"max |lean - transformers| = {worst} (logits up to {scale})"
 
 
-def test_native_decode_attention_builds_here():
-    """The C++ kernel must build on the machines we test on (a silent fallback would hide it)."""
+def test_native_kernels_build_here():
+    """The C++ kernels must build and run on the machines we test on (a silent fallback would hide it)."""
     from thinklab.backends.lean import native_ops
 
     assert native_ops() is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_native_kernels_run_on_torchs_openmp_pool():
+    """Compiled with OpenMP (without it ATen's inlined parallel_for compiles serial and every
+    kernel runs on one core) and bound to the libgomp torch already loaded, not a second
+    runtime with its own threads."""
+    from thinklab.backends.lean import native_ops
+
+    ops = native_ops()
+    assert b"GOMP_parallel" in Path(ops.__file__).read_bytes(), "the extension was built without OpenMP"
+    ops.trace_and_sample(torch.randn(4, 64))  # a parallel region has run
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(runtimes) == 1, f"more than one OpenMP runtime loaded: {runtimes}"
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "sdpa"])
