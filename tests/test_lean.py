@@ -80,8 +80,13 @@ def test_native_kernels_run_on_torchs_openmp_pool():
     ops = native_ops()
     assert b"GOMP_parallel" in Path(ops.__file__).read_bytes(), "the extension was built without OpenMP"
     ops.trace_and_sample(torch.randn(4, 64))  # a parallel region has run
-    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
-    assert len(runtimes) == 1, f"more than one OpenMP runtime loaded: {runtimes}"
+    # The extension asks for libgomp.so.1 by soname; the one mapped under that name must be
+    # torch's. (Wheels such as sentencepiece vendor renamed copies, libgomp-<hash>.so, that
+    # only they use.)
+    mapped = {Path(line.split()[-1]) for line in Path("/proc/self/maps").read_text().splitlines()
+              if "libgomp" in line}
+    by_soname = [p for p in mapped if p.name == "libgomp.so.1"]
+    assert by_soname == [Path(torch.__file__).parent / "lib" / "libgomp.so.1"], f"OpenMP runtimes loaded: {mapped}"
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "sdpa"])

@@ -256,7 +256,7 @@ class KVCache:
 
     def keys(self, layer: int, n: int) -> torch.Tensor:
         """The first n keys of a layer as (batch, kv heads, n, head dim) (a copy)."""
-        k = self.k[layer]
+        k = self.k[layer][:, :, : -(-n // self.BLOCK)]  # only the blocks that hold them
         return k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])[:, :, :n]
 
     def batch_select_indices(self, rows: torch.Tensor) -> None:
@@ -408,7 +408,7 @@ class LeanDecoder:
                     out = F.scaled_dot_product_attention(q, keys, vc[:, :, :n], attn_mask=keep,
                                                          scale=self.scale, enable_gqa=True)
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
-            # Residual adds and the SwiGLU gating run inside the GEMMs' write-out.
+            # RMSNorms (folded into qkv and mlp), residual adds and the SwiGLU gating run inside the GEMMs.
             x = L.o(out, x)
             x = L.down(L.mlp(x), x)
         cache.length = n
