@@ -48,28 +48,34 @@ NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp", 
 _native = None  # the loaded extension, or False once it proved unavailable
 
 
-def native_ops():
-    """The native kernels (native/*.cpp: decode attention, RMSNorm, packed GEMMs, and the
-    fused token choice and trace of hf.py), built on first use and cached by
-    torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR; None if they cannot be built or
-    run (no compiler, a CPU without AVX-512F, THINKLAB_NATIVE=0), in which case the lean
-    forward uses oneDNN, SDPA and F.rms_norm, and sampling runs as torch operations.
+def build_native():
+    """Build (once; then cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR) and
+    load the native kernels (native/*.cpp: decode attention, packed GEMMs, the fused token
+    choice and trace of hf.py). Raises if they cannot be built. They compile on any x86-64
+    machine with a C++ compiler but run only where `cpu_supported()` (AVX-512F).
 
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
     inlined serial and the kernels ran on one core."""
+    from torch.utils.cpp_extension import load
+
+    print("thinklab: loading the native CPU kernels (built once, ~1 min)", file=sys.stderr)
+    return load(name="thinklab_native", sources=[str(s) for s in NATIVE_SOURCES],
+                extra_include_paths=[str(NATIVE_DIR)], extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def native_ops():
+    """The native kernels, or None where they cannot be built or run (no compiler, a CPU
+    without AVX-512F, THINKLAB_NATIVE=0); then the lean forward uses oneDNN, SDPA and
+    F.rms_norm, sampling runs as torch operations, and a warning says why."""
     global _native
     if _native is None:
         if os.environ.get("THINKLAB_NATIVE", "1") == "0":
             _native = False
         else:
             try:
-                from torch.utils.cpp_extension import load
-
-                print("thinklab: loading the native CPU kernels (built once, ~1 min)", file=sys.stderr)
-                _native = load(name="thinklab_native", sources=[str(s) for s in NATIVE_SOURCES],
-                               extra_include_paths=[str(NATIVE_DIR)], extra_cflags=["-O3", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"], verbose=False)
+                _native = build_native()
                 if not _native.cpu_supported():
                     raise RuntimeError("this CPU lacks AVX-512F, which the kernels are written for")
             except Exception as exc:  # no compiler or headers, or an older CPU: the torch path still works
