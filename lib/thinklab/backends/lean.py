@@ -175,6 +175,7 @@ class Projection:
                  norm: RMSNorm | None = None):
         self.n = weight.shape[0]
         self.native, self.norm = native, norm
+        self.rms_eps = -1.0 if norm is None else norm.eps  # the native GEMM's flag: negative, no norm
         if native is not None:
             w = weight.detach() if norm is None else weight.detach() * norm.weight.detach()
             self.w = native.pack_weight(w.contiguous())
@@ -188,13 +189,10 @@ class Projection:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.native is not None:
-            return self.native.packed_linear(x, self.w, self.n, self.bias, residual, False, self._eps())
+            return self.native.packed_linear(x, self.w, self.n, self.bias, residual, False, self.rms_eps)
         if residual is None:
             return _linear(self.normed(x), self.w, self.bias)
         return _linear_add(self.normed(x), self.w, self.bias, residual)
-
-    def _eps(self) -> float:
-        return -1.0 if self.norm is None else self.norm.eps  # negative: no norm
 
 
 class SwiGLU(Projection):
@@ -205,6 +203,7 @@ class SwiGLU(Projection):
     def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, native, batch_hint: int,
                  norm: RMSNorm | None = None):
         self.native, self.norm = native, norm
+        self.rms_eps = -1.0 if norm is None else norm.eps
         self.gate, self.up = (Projection(m.weight, _bias(m), native, batch_hint, norm) for m in (gate, up))
         if native is not None:  # panels gate 0, up 0, gate 1, up 1, ...
             self.n = self.gate.n
@@ -218,7 +217,7 @@ class SwiGLU(Projection):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
-            return self.native.packed_linear(x, self.w, self.n, self.bias, None, True, self._eps())
+            return self.native.packed_linear(x, self.w, self.n, self.bias, None, True, self.rms_eps)
         h = self.normed(x)
         return _linear_mul(h, self.up.w, self.up.bias, _linear(h, self.gate.w, self.gate.bias, "swish"))
 
@@ -317,7 +316,6 @@ class LeanDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.hidden = cfg.hidden_size
         self.eps = float(cfg.rms_norm_eps)
         self.scale = self.head_dim**-0.5
         self.embed = inner.embed_tokens.weight.detach()

@@ -80,11 +80,10 @@ using ValueFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, 
 constexpr ScoreFn SCORE[MAX_GROUP + 1] = {nullptr,        score_block<1>, score_block<2>, score_block<3>,
                                           score_block<4>, score_block<5>, score_block<6>, score_block<7>,
                                           score_block<8>};
-// Up to 16 accumulators: 4 vectors of output for up to 4 queries, 2 for up to 8.
+// Up to 16 accumulators: the value pass takes queries 4 at a time, with 4 vectors (64
+// output features) each, or 1 where the head dimension is not a multiple of 64.
 constexpr ValueFn VALUE4[5] = {nullptr, value_block<1, 4>, value_block<2, 4>, value_block<3, 4>, value_block<4, 4>};
-constexpr ValueFn VALUE1[MAX_GROUP + 1] = {nullptr,           value_block<1, 1>, value_block<2, 1>,
-                                           value_block<3, 1>, value_block<4, 1>, value_block<5, 1>,
-                                           value_block<6, 1>, value_block<7, 1>, value_block<8, 1>};
+constexpr ValueFn VALUE1[5] = {nullptr, value_block<1, 1>, value_block<2, 1>, value_block<3, 1>, value_block<4, 1>};
 
 // Softmax of each query's scores over n keys, masked keys (keep false) weighted 0.
 __attribute__((target("avx512f"))) void softmax_rows(float* s, int64_t ld, int64_t rows, int64_t n, const bool* keep) {
