@@ -82,9 +82,12 @@ def test_wait_extensions_lengthen_thinking(fast_backend, tmp_path):
 
 
 def _cli(root, *extra):
+    # One row at a time: the chunks finish one after another (so the run can be killed between
+    # them), and a sample's traces are bit for bit the same in the killed, resumed and clean runs
+    # (beside other rows they may differ by float rounding: tests/test_scheduler.py).
     return [sys.executable, "-m", "thinklab.cli", "generate", "--runs-root", str(root), "--task", TASK,
             "--n-problems", "4", "--n-samples", "2", "--max-tokens", "48", "--temperature", "1.0",
-            "--chunk-problems", "1", "--quiet", *extra]
+            "--chunk-problems", "1", "--batch-size", "1", "--quiet", *extra]
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):

@@ -13,6 +13,17 @@ Per step, for a batch of B rows and a vocabulary of V:
 At temperature 0 the token is the argmax and entropy/logprob describe the raw (T=1)
 distribution, since the sampled one is a point mass.
 
+Batching. On the lean forward (lean.py) calls are served by the row scheduler
+(scheduler.py): a batch of up to `max_batch_size` rows refilled as rows finish, one prefill
+per distinct prompt, follow-up calls continued in their row. On transformers' own forward
+(other architectures, GPUs, quantized weights) `generate` runs fixed batches of up to
+`max_batch_size` rows, each until its longest row ends (rows that finish leave the batch),
+and `serve` runs rounds of those.
+
+The batch size, unless given, is chosen at load (`auto_batch_size`): as many rows as fit
+half the free memory with `PLANNED_CONTEXT` positions of keys and values each, at most
+`MAX_ROWS` for the device. It changes how fast samples come, never what they are.
+
 This module knows nothing about tasks, prompts' meaning, budgets or storage.
 """
 
@@ -21,14 +32,50 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
 
 from thinklab import models
 from thinklab.backends import lean
-from thinklab.backends.base import Backend, BackendInfo, Completion
+from thinklab.backends.base import Backend, BackendInfo, Completion, Request
 from thinklab.config import ModelSpec, SamplingSpec
+
+
+PLANNED_CONTEXT = 2048  # positions per row the automatic batch size plans memory for
+# Rows at most. On CPU a decode step is compute-bound from about 10-16 rows (fp32 matmul rate
+# over memory bandwidth), so more rows add little speed and lengthen the tail; a GPU's ratio
+# is far higher.
+MAX_ROWS = {"cpu": 32, "cuda": 256}
+KV_MEMORY_SHARE = 0.5  # share of the free memory the KV cache may take
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def kv_bytes_per_position(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position of one row takes over all layers of a decoder."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def auto_batch_size(bytes_per_position: int, device: torch.device) -> tuple[int, str]:
+    """(rows, how they were chosen): as many rows as fit `KV_MEMORY_SHARE` of the free
+    memory with `PLANNED_CONTEXT` positions each, at most `MAX_ROWS` for the device."""
+    free = free_memory_bytes(device)
+    by_memory = int(KV_MEMORY_SHARE * free) // (bytes_per_position * PLANNED_CONTEXT)
+    cap = MAX_ROWS.get(device.type, MAX_ROWS["cpu"])
+    rows = max(1, min(cap, by_memory))
+    return rows, (f"auto: min({cap} for {device.type}, {by_memory} rows of {PLANNED_CONTEXT} positions x "
+                  f"{bytes_per_position} B in {KV_MEMORY_SHARE:.0%} of {free / 2**30:.1f} GiB free at load)")
 
 
 def pick_device() -> torch.device:
@@ -99,10 +146,24 @@ def entropy_from_logp(logp: torch.Tensor, p: torch.Tensor | None = None) -> torc
     return -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
 
 
+def choose_tokens(logits: torch.Tensor, sampling: SamplingSpec, u: torch.Tensor | None, native=None):
+    """(token, logprob, entropy) per row of raw logits (b, V): the token drawn at the row's
+    uniform u (b,) float64 by inverse CDF, or the argmax when u is None, traced over the
+    distribution it was drawn from. `native`: the native kernels, whose fused pass does
+    the same (native/sampling.cpp)."""
+    if native is not None:
+        return native.trace_and_sample(sampling_logits(logits, sampling), u)
+    logp = process_logits(logits, sampling)  # (b, V)
+    p = logp.exp()
+    tok = logp.argmax(dim=-1) if u is None else sample_inverse_cdf(p, u)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy_from_logp(logp, p)
+
+
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int = 16, fast: bool = True):
+    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int | None = None,
+                 fast: bool = True):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +176,9 @@ class HFBackend(Backend):
             quantization.check(spec.quantization, self.device)  # refuse before loading any weights
         self.resolved = models.resolve(spec.name)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        self.max_batch_size = max_batch_size
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} is not valid; use a positive int, or None to choose "
+                             "from the free memory")
         kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         self._tokenizer = AutoTokenizer.from_pretrained(self.resolved.path, **kw)
         self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=self.dtype, **kw)
@@ -127,13 +190,19 @@ class HFBackend(Backend):
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
         # CPU float32 llama/qwen2 checkpoints decode through the lean forward (lean.py); other
         # CPU float32 models keep transformers' forward with prepacked linears.
+        self.kv_bytes_per_position = kv_bytes_per_position(self.model.config, self.dtype)
+        if max_batch_size is None:
+            self.max_batch_size, self.batch_size_rule = auto_batch_size(self.kv_bytes_per_position, self.device)
+        else:
+            self.max_batch_size, self.batch_size_rule = max_batch_size, "set by the caller"
         self.lean: lean.LeanDecoder | None = None
         self.packed_linears = 0
         if fast and self.device.type == "cpu" and not spec.quantization:
             if lean.LeanDecoder.unsupported(self.model) is None:
-                self.lean = lean.LeanDecoder(self.model, batch_hint=max_batch_size)
+                self.lean = lean.LeanDecoder(self.model, batch_hint=self.max_batch_size)
             else:
-                self.packed_linears = lean.pack_linears(self.model, batch_hint=max_batch_size)
+                self.packed_linears = lean.pack_linears(self.model, batch_hint=self.max_batch_size)
+        self.last_serve_stats: dict | None = None  # the row scheduler's numbers for its last serve
         self._native_top_k: dict | None = None
         if spec.moe_top_k is not None:
             self.set_moe_top_k(spec.moe_top_k)
@@ -182,6 +251,10 @@ class HFBackend(Backend):
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "max_batch_size": self.max_batch_size,
+                "batch_size_rule": self.batch_size_rule,
+                "batching": ("continuous: rows refilled as they finish, one prefill per distinct prompt, follow-up "
+                             "calls continued in their row (thinklab.backends.scheduler)" if self.lean is not None
+                             else "fixed batches, each until its longest row ends"),
                 "forward": (self.lean.describe() if self.lean is not None else
                             "transformers" + (" with oneDNN prepacked linears" if self.packed_linears else "")),
                 "rng": ("one torch.Generator per sample seeded with its seed draws one float64 uniform per token, "
@@ -189,6 +262,30 @@ class HFBackend(Backend):
                 **({"quantization": self.quantization_report} if self.quantization_report else {}),
             },
         )
+
+    def _choose(self, logits: torch.Tensor, sampling: SamplingSpec, u: torch.Tensor | None):
+        return choose_tokens(logits, sampling, u, self.lean.native if self.lean is not None else None)
+
+    def scheduler(self):
+        """A row scheduler on the lean forward with this backend's batch size, or None
+        on transformers' forward."""
+        if self.lean is None:
+            return None
+        from thinklab.backends.scheduler import RowScheduler
+
+        return RowScheduler(self.lean, self._choose, self._tokenizer, self.eos_ids, self.pad_id,
+                            rows=self.max_batch_size, memory_bytes=int(KV_MEMORY_SHARE * free_memory_bytes(self.device)))
+
+    @property
+    def serve_window(self) -> int:  # on transformers' forward: one fixed batch per wave
+        return self.max_batch_size
+
+    def serve(self, requests: Iterable[Request], on_tokens: Callable[[Hashable, int], None] | None = None,
+              progress: bool = False) -> None:
+        scheduler = self.scheduler()
+        if scheduler is None:
+            return super().serve(requests, on_tokens=on_tokens, progress=progress)
+        self.last_serve_stats = scheduler.serve(requests, on_tokens=on_tokens).as_dict()
 
     @torch.inference_mode()
     def generate(
@@ -206,6 +303,17 @@ class HFBackend(Backend):
 
         results: list[Completion | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc=f"generate ({self.name})", unit="sample", disable=not progress)
+        if self.lean is not None:
+            def keep(i):
+                def then(c: Completion) -> None:
+                    results[i] = c
+                    bar.update(1)
+                return then
+
+            self.serve([Request(list(p), int(s), sampling, max_new_tokens, tuple(stop), then=keep(i), order=i)
+                        for i, (p, s) in enumerate(zip(prompts, seeds))])
+            bar.close()
+            return results  # type: ignore[return-value]
         for start in range(0, len(prompts), self.max_batch_size):
             idx = list(range(start, min(start + self.max_batch_size, len(prompts))))
             t0 = time.perf_counter()
@@ -261,16 +369,9 @@ class HFBackend(Backend):
         stop_window = max((len(s) for s in stop), default=0) + 4
         eos = torch.tensor(sorted(self.eos_ids), device=dev)
 
-        native = self.lean.native if self.lean is not None else None
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[rows_t, step]
-            if native is not None:  # the same rule fused into one pass per row (native/sampling.cpp)
-                tok, lp, ent = native.trace_and_sample(sampling_logits(logits, sampling), u)
-            else:
-                logp = process_logits(logits, sampling)  # (b, V), b = rows still generating
-                p = logp.exp()
-                tok = logp.argmax(dim=-1) if u is None else sample_inverse_cdf(p, u)
-                ent, lp = entropy_from_logp(logp, p), logp.gather(-1, tok[:, None]).squeeze(-1)
+            tok, lp, ent = self._choose(logits, sampling, u)  # (b,) each, b = rows still generating
             tokens[rows_t, step] = tok
             ents[rows_t, step] = ent
             lps[rows_t, step] = lp

@@ -231,49 +231,104 @@ class _Layer:
 
 
 class KVCache:
-    """Preallocated keys and values per layer. Keys are stored in blocks of 16 positions,
-    each block transposed, (batch, kv heads, capacity / 16, head dim, 16): the native
-    kernel scores a block's 16 keys as one vector and still reads a head's keys as one
-    contiguous stream. Values are (batch, kv heads, capacity, head dim). The capacity is
-    rounded up to a multiple of 16.
+    """Preallocated keys and values per layer, (batch, kv heads, capacity, head dim) for
+    values. Keys are laid out for the attention that reads them: for the native kernel in
+    blocks of 16 positions, each block transposed, (batch, kv heads, capacity / 16, head
+    dim, 16), so that it scores a block's 16 keys as one vector and still reads a head's
+    keys as one contiguous stream; for SDPA like the values (`blocked=False`), so that a
+    window of them is a view rather than a copy. The capacity is rounded up to a multiple
+    of 16.
 
-    Every row holds the same number of positions (prompts are left-padded), so one length
-    serves the batch; padding is masked by the attention mask, not by the cache.
+    Every row holds the same number of positions (`length`); which of them belong to a
+    row is said by the attention mask, not by the cache (left padding, or the row
+    scheduler's slots). The tensors start zeroed and every position a row does not own
+    holds either zeros or keys and values some row computed, never uninitialized memory:
+    attention weighs masked positions by exactly 0, and 0 times a stale finite value is 0,
+    where 0 times an uninitialized NaN would not be.
     """
 
     BLOCK = 16
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device,
+                 blocked: bool = True):
         blocks = -(-capacity // self.BLOCK)
-        self.k = [torch.empty((batch, kv_heads, blocks, head_dim, self.BLOCK), dtype=dtype, device=device)
-                  for _ in range(layers)]
-        self.v = [torch.empty((batch, kv_heads, blocks * self.BLOCK, head_dim), dtype=dtype, device=device)
-                  for _ in range(layers)]
+        self.blocked = blocked
         self.capacity = blocks * self.BLOCK
+        kshape = (batch, kv_heads, blocks, head_dim, self.BLOCK) if blocked else (batch, kv_heads, self.capacity, head_dim)
+        self.k = [torch.zeros(kshape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros((batch, kv_heads, self.capacity, head_dim), dtype=dtype, device=device)
+                  for _ in range(layers)]
         self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.v[0].shape[0]
 
     def write(self, layer: int, n0: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values (batch, kv heads, T, head dim) at positions n0 .. n0 + T."""
-        pos = torch.arange(n0, n0 + k.shape[2], device=k.device)
-        # two index tensors around a slice: the indexed (position) dimension comes first
-        self.k[layer][:, :, pos // self.BLOCK, :, pos % self.BLOCK] = k.permute(2, 0, 1, 3)
+        if self.blocked:
+            pos = torch.arange(n0, n0 + k.shape[2], device=k.device)
+            # two index tensors around a slice: the indexed (position) dimension comes first
+            self.k[layer][:, :, pos // self.BLOCK, :, pos % self.BLOCK] = k.permute(2, 0, 1, 3)
+        else:
+            self.k[layer][:, :, n0 : n0 + k.shape[2]] = k
         self.v[layer][:, :, n0 : n0 + k.shape[2]] = v
 
-    def keys(self, layer: int, n: int) -> torch.Tensor:
-        """The first n keys of a layer as (batch, kv heads, n, head dim) (a copy)."""
-        k = self.k[layer][:, :, : -(-n // self.BLOCK)]  # only the blocks that hold them
-        return k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])[:, :, :n]
+    def write_row(self, layer: int, row: int, n0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one row's keys and values (kv heads, T, head dim) at positions n0 .. n0 + T."""
+        if self.blocked:
+            pos = torch.arange(n0, n0 + k.shape[1], device=k.device)
+            self.k[layer][row][:, pos // self.BLOCK, :, pos % self.BLOCK] = k.transpose(0, 1)
+        else:
+            self.k[layer][row, :, n0 : n0 + k.shape[1]] = k
+        self.v[layer][row, :, n0 : n0 + k.shape[1]] = v
+
+    def keys(self, layer: int, n: int, start: int = 0) -> torch.Tensor:
+        """Keys start .. n of a layer as (batch, kv heads, n - start, head dim): a view, or a
+        copy of the blocks that hold them in the blocked layout."""
+        if not self.blocked:
+            return self.k[layer][:, :, start:n]
+        b0 = start // self.BLOCK
+        k = self.k[layer][:, :, b0 : -(-n // self.BLOCK)]  # only the blocks that hold them
+        k = k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])
+        return k[:, :, start - b0 * self.BLOCK : n - b0 * self.BLOCK]
+
+    def move(self, start: int, end: int, delta: int) -> None:
+        """Move positions start .. end of every row by delta (all multiples of 16, so whole
+        key blocks move); the positions left behind keep their old contents."""
+        if start % self.BLOCK or end % self.BLOCK or delta % self.BLOCK:
+            raise ValueError(f"move({start}, {end}, {delta}): positions must be multiples of {self.BLOCK}")
+        if start + delta < 0 or end + delta > self.capacity:
+            raise ValueError(f"move({start}, {end}, {delta}) leaves the capacity {self.capacity}")
+        if delta == 0 or end <= start:
+            return
+        kb = (start // self.BLOCK, end // self.BLOCK, delta // self.BLOCK) if self.blocked else (start, end, delta)
+        for i in range(len(self.k)):
+            a, b, d = kb
+            self.k[i][:, :, a + d : b + d] = self.k[i][:, :, a:b].clone()
+            self.v[i][:, :, start + delta : end + delta] = self.v[i][:, :, start:end].clone()
+
+    def resized(self, rows: torch.Tensor | None, batch: int, capacity: int) -> "KVCache":
+        """A new cache of `batch` rows and `capacity` positions holding the first `length`
+        positions of `rows` (default: all rows) in its first rows; zeros elsewhere."""
+        rows = torch.arange(self.batch, device=self.v[0].device) if rows is None else rows
+        v0 = self.v[0]
+        new = KVCache(len(self.k), batch, v0.shape[1], capacity, v0.shape[3], v0.dtype, v0.device, self.blocked)
+        if new.capacity < self.length:
+            raise ValueError(f"resized: {self.length} positions do not fit a capacity of {capacity}")
+        n, m = self.length, len(rows)
+        nk = -(-n // self.BLOCK) if self.blocked else n
+        for i in range(len(self.k)):
+            new.k[i][:m, :, :nk] = self.k[i][rows, :, :nk]
+            new.v[i][:m, :, :n] = self.v[i][rows, :, :n]
+        new.length = n
+        return new
 
     def batch_select_indices(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch); the same call as
         transformers' DynamicCache, so the decode loop treats both caches alike."""
-        n, nb = self.length, -(-self.length // self.BLOCK)
-        for i in range(len(self.k)):
-            k = self.k[i].new_empty((len(rows),) + self.k[i].shape[1:])
-            v = self.v[i].new_empty((len(rows),) + self.v[i].shape[1:])
-            k[:, :, :nb] = self.k[i][rows, :, :nb]
-            v[:, :, :n] = self.v[i][rows, :, :n]
-            self.k[i], self.v[i] = k, v
+        new = self.resized(rows, len(rows), self.capacity)
+        self.k, self.v = new.k, new.v
 
 
 class LeanDecoder:
@@ -358,19 +413,33 @@ class LeanDecoder:
         return torch.cat([qk, w[nq * hd :]]).contiguous()
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, self.dtype, self.device)
+        """An empty cache in the key layout this forward's attention reads."""
+        return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, self.dtype, self.device,
+                       blocked=self.native_attention)
+
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of keys and values one position of one row holds, over all layers."""
+        return 2 * len(self.layers) * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
+                cache: KVCache, window: int = 0) -> torch.Tensor:
         """Logits of the last position of each row, (b, vocab).
 
         input_ids, position_ids: (b, T), the T new positions of every row.
-        attention: (b, cache.length + T), 1 for real tokens, 0 for left padding.
+        attention: (b, >= cache.length + T), 1 (or True) where a row attends, 0 elsewhere
+        (left padding, or cache positions that belong to another row).
+        window: a position no row attends before, a multiple of 16; the SDPA path then
+        reads keys and values from there on only (the native kernel reads from 0, where
+        the mask weighs the positions before it 0).
         """
         b, T = input_ids.shape
         n0, n = cache.length, cache.length + T
         if n > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {n} were asked for")
+        if cache.blocked != self.native_attention:
+            raise ValueError("this cache's key layout is not the one this forward reads; build it with new_cache")
+        if window % KVCache.BLOCK or not 0 <= window <= n0:
+            raise ValueError(f"window={window} must be a multiple of {KVCache.BLOCK} in [0, {n0}]")
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         group = nh // nkv
         x = F.embedding(input_ids, self.embed)
@@ -402,14 +471,14 @@ class LeanDecoder:
                 q = qk[:, :, :nh].transpose(1, 2)
                 cache.write(i, n0, qk[:, :, nh:].transpose(1, 2),
                             qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2))
-                keys = cache.keys(i, n)
+                keys, values, mask = cache.keys(i, n, window), vc[:, :, window:n], keep[..., window:]
                 if T == 1:
                     # Grouped-query decode: the `group` query heads sharing a kv head become its queries.
-                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), keys, vc[:, :, :n],
-                                                         attn_mask=keep, scale=self.scale)
+                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), keys, values,
+                                                         attn_mask=mask, scale=self.scale)
                     out = out.reshape(b, 1, nh * hd)
                 else:
-                    out = F.scaled_dot_product_attention(q, keys, vc[:, :, :n], attn_mask=keep,
+                    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                          scale=self.scale, enable_gqa=True)
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
             # RMSNorms (folded into qkv and mlp), residual adds and the SwiGLU gating run inside the GEMMs.

@@ -11,11 +11,11 @@ from thinklab.config import RunSpec
 
 
 def run_conditions(specs: Sequence[RunSpec], progress: bool = True, **run_options) -> pl.DataFrame:
-    """Run (or load) every spec and return one long sample table across them."""
-    frames = []
-    for i, spec in enumerate(specs):
-        if progress:
+    """Run (or load) every spec and return one long sample table across them; the runs on
+    one model are generated together (`runner.run_many`)."""
+    if progress:
+        for i, spec in enumerate(specs):
             print(f"[thinklab] condition {i + 1}/{len(specs)}: run {spec.run_id} "
                   f"({spec.model.name}, {spec.task}, T={spec.sampling.temperature}, budget={spec.budget.thinking_budget})")
-        frames.append(runner.run(spec, progress=progress, **run_options))
+    frames = runner.run_many(specs, progress=progress, **run_options)
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
