@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from thinklab import runner
+from thinklab.backends import scheduler
 from thinklab.backends.base import Backend, Request
 from thinklab.backends.lean import KVCache
 from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
@@ -86,18 +87,75 @@ def test_samples_sharing_a_prompt_prefill_it_once(fast_backend, chat_prompts):
         _same_sample(fast_backend.generate([prompt], [40 + k], s, 16, progress=False)[0], o)
 
 
-@pytest.mark.slow
-def test_rows_moved_in_the_cache_compute_what_they_computed_alone(fast_backend, chat_prompts):
-    """Prompts of different lengths entering a running batch move rows right; a long run of
-    refills fills the capacity and compacts it; neither changes a sample."""
-    s = SamplingSpec(temperature=0.7)
-    order = [0, 1, 3, 2, 0, 2, 1, 3, 2, 0]  # short and long prompts interleaved
-    reqs = [Request(list(chat_prompts[j]), 300 + i, s, 6 + 3 * (i % 4), order=i) for i, j in enumerate(order)]
-    with _Batch(fast_backend, 3):
-        outs, stats = _serve(fast_backend, reqs)
-    assert stats["moves"] > 0
-    for r, o in zip(reqs, outs):
-        _same_sample(fast_backend.generate([r.prompt], [r.seed], s, r.max_new_tokens, progress=False)[0], o)
+@pytest.fixture
+def tiny_decoder():
+    """A lean decoder on a tiny random llama: the cache geometry at the speed of a unit test.
+    One thread: at these sizes a second one only waits (and on a busy machine, for long)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thinklab.backends.lean import LeanDecoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    yield LeanDecoder(model)
+    torch.set_num_threads(threads)
+
+
+def _serve_tiny(decoder, requests, rows, follow_up=None):
+    """Serve requests on the tiny decoder; follow_up(request, completion, call index) may
+    return a further call. Returns every (request, completion) served and the numbers."""
+    from thinklab.backends.hf import choose_tokens
+
+    served = []
+
+    def then(r, k):
+        def done(c):
+            served.append((r, c))
+            nxt = follow_up(r, c, k) if follow_up is not None else None
+            if nxt is not None:
+                nxt.then, nxt.order = then(nxt, k + 1), r.order
+            return nxt
+        return done
+
+    for r in requests:
+        r.then = then(r, 1)
+    sched = scheduler.RowScheduler(decoder, lambda x, s, u: choose_tokens(x, s, u, decoder.native), None, {2}, 0,
+                                   rows=rows)
+    return served, sched.serve(requests).as_dict()
+
+
+def test_moved_compacted_and_continued_rows_compute_what_fresh_calls_compute(tiny_decoder, monkeypatch):
+    """Prompts of random lengths entering beside running rows (rows move right), a cache
+    with little room beyond the longest request (compacted every few steps), and follow-up
+    calls that drop a few tokens and force others (continued in their row): every call
+    served equals the same call served alone, prefilled afresh."""
+    import random
+
+    monkeypatch.setattr(scheduler, "SLACK", 16)
+    monkeypatch.setattr(scheduler, "SLACK_SHARE", 0.0)
+    rng = random.Random(0)
+    s = SamplingSpec(temperature=1.0)
+
+    def follow_up(r, c, k):  # up to two follow-ups: drop 0-3 tokens, force 1-5, continue
+        if k > 2 or len(c.token_ids) < 2:
+            return None
+        drop = rng.randrange(min(4, len(c.token_ids)))
+        forced = [rng.randrange(3, 128) for _ in range(rng.randrange(1, 6))]
+        return Request(r.prompt + c.token_ids[: len(c.token_ids) - drop] + forced, r.seed * 7 + k, s,
+                       rng.randrange(4, 20))
+
+    sizes = [5, 20, 5, 20, 150, 70, 5, 150, 20, 70, 150, 5, 70, 20]  # short first: long ones then need room
+    first = [Request([rng.randrange(3, 128) for _ in range(n)], 1000 + i, s, rng.randrange(4, 30), order=i)
+             for i, n in enumerate(sizes)]
+    served, stats = _serve_tiny(tiny_decoder, first, rows=4, follow_up=follow_up)
+    assert stats["moves"] >= 2 and stats["continued_in_place"] >= 5 and stats["occupancy"] > 0.8, stats
+    assert len(served) == stats["requests"] > len(first)
+    for r, c in served:
+        (_, alone), = _serve_tiny(tiny_decoder, [Request(r.prompt, r.seed, s, r.max_new_tokens)], rows=1)[0]
+        _same_sample(alone, c)
 
 
 class _Rounds(Backend):

@@ -57,7 +57,7 @@ from thinklab.backends.lean import KVCache, LeanDecoder
 
 BLOCK = KVCache.BLOCK
 MAX_FEED = 64  # a follow-up whose new prompt tokens are more than this is prefilled instead of fed
-SLACK = 64  # capacity beyond the longest request, at least
+SLACK, SLACK_SHARE = 64, 0.25  # capacity beyond the longest request: the larger of these positions and share
 SHRINK_AT = 0.75  # with nothing pending, the batch shrinks to its live rows once they fill at most this share
 
 
@@ -164,7 +164,7 @@ class RowScheduler:
         if not self.queue:
             return self.stats
         span = max(len(r.prompt) + r.max_new_tokens for _, _, r in self.queue)
-        capacity = _up(span + max(SLACK, span // 4))  # room to run between compactions
+        capacity = _up(span + max(SLACK, int(span * SLACK_SHARE)))  # room to run between compactions
         self.stats.rows = rows = self._rows_that_fit(min(self.max_rows, len(self.queue)), capacity)
         self.cache = self.decoder.new_cache(rows, capacity)
         self.keep = torch.zeros((rows, self.cache.capacity), dtype=torch.bool, device=self.device)
@@ -338,7 +338,9 @@ class RowScheduler:
         ids = [self.pad_id] * B
         pos = [0] * B
         sampling_rows = []
+        live = 0
         for i, row in self._live():
+            live += 1
             ids[i] = row.feed.popleft() if row.feed else row.last
             pos[i] = len(row.cols)
             row.cols.append(n + self.shifted)
@@ -350,11 +352,12 @@ class RowScheduler:
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
         pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]
         logits = self.decoder.forward(ids_t, pos_t, self.keep[:, : n + 1], self.cache, window)
-        live = len(self._live())
         self.stats.steps += 1
         self.stats.row_steps += live
         self.stats.slot_steps += B
-        if sampling_rows:
+        if len(sampling_rows) == B:  # a full batch: no copy of the logits
+            self._sample(sampling_rows, logits)
+        elif sampling_rows:
             idx = torch.tensor([i for i, _ in sampling_rows], device=self.device)
             self._sample(sampling_rows, logits[idx])
         self.stats.decode_seconds += time.perf_counter() - t0
