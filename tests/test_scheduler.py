@@ -1,18 +1,19 @@
-"""The row scheduler on the real embedded model: a sample is the same whoever decodes beside it.
+"""The row scheduler: a sample is the same whoever decodes beside it and whenever it entered.
 
-A sample's tokens come from its own seeded stream and its own prefill, so they must not
-depend on the other rows of the batch, on when it entered, on sharing its prompt's
-prefill, or on its follow-up calls continuing in place rather than being prefilled
-again. Token ids must be equal; entropies and log-probabilities may differ by float
-rounding (attention reductions run over differently placed masked positions), bounded
-here by TRACE_ATOL.
+A sample's tokens come from its own seeded stream, its own prefill, and decode steps whose
+arithmetic reads only its own cache columns; so its token ids, entropies and
+log-probabilities must be the same bits alone, beside other rows, entering late, or
+sharing its prompt's prefill. A follow-up call continued in its row (fed, not prefilled
+again) computes its keys by decode steps instead of one prefill: equal to the same call
+made afresh up to float rounding, which can change a draw only where it lands among
+rare tokens (see `_same_up_to_rounding`).
 """
 
 from __future__ import annotations
 
 import math
+import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,16 +25,32 @@ from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
 from thinklab.generation import generate_traces
 from thinklab.runner import phase_markers
 
-TRACE_ATOL = 1e-4  # seen: up to ~4e-5 nats between a sample alone and in a batch of 8
+TRACE_ATOL = 1e-4  # float rounding between a call continued in its row and the same call prefilled
+RARE_LOGPROB = -4.0  # a draw this unlikely lands where the CDF is dense with tiny masses
 
 
-def _same_sample(a, b) -> None:
+def _identical(a, b) -> None:
     assert a.token_ids == b.token_ids
     assert a.finish_reason == b.finish_reason
     for x, y in ((a.token_entropy, b.token_entropy), (a.token_logprob, b.token_logprob)):
-        assert len(x) == len(y)
-        for u, v in zip(x, y):
+        assert len(x) == len(y) and all((u == v) or (math.isnan(u) and math.isnan(v)) for u, v in zip(x, y))
+
+
+def _same_up_to_rounding(a, b) -> bool:
+    """Equal traces up to float rounding: the same tokens with traces within TRACE_ATOL, or
+    the same until a draw where both tokens are rare (a shift of 1e-6 in the cumulative
+    mass picks a neighbouring tiny-probability token). Returns whether they are identical."""
+    k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+    n = len(a.token_ids) if k is None else k
+    for x, y in ((a.token_entropy, b.token_entropy), (a.token_logprob, b.token_logprob)):
+        for u, v in zip(x[:n], y[:n]):
             assert (math.isnan(u) and math.isnan(v)) or abs(u - v) <= TRACE_ATOL, (u, v)
+    if k is None:
+        assert len(a.token_ids) == len(b.token_ids) and a.finish_reason == b.finish_reason
+        return True
+    assert a.token_logprob[k] < RARE_LOGPROB and b.token_logprob[k] < RARE_LOGPROB, (
+        f"traces part at token {k} on a likely draw ({a.token_logprob[k]:.2f}, {b.token_logprob[k]:.2f})")
+    return False
 
 
 class _Batch:
@@ -58,6 +75,9 @@ def _serve(backend, requests):
     return out, backend.last_serve_stats
 
 
+# ------------------------------------------------------------------ the real embedded model
+
+
 @pytest.mark.slow
 def test_sample_does_not_depend_on_neighbours_or_entry_time(fast_backend, chat_prompts):
     assert fast_backend.lean is not None, "the embedded model must take the scheduled path"
@@ -72,7 +92,7 @@ def test_sample_does_not_depend_on_neighbours_or_entry_time(fast_backend, chat_p
     assert stats["rows"] == 2 and stats["requests"] == 8
     assert stats["occupancy"] > 0.9, "slots must be refilled as rows finish"
     for a, b in zip(alone, outs[4:]):
-        _same_sample(a, b)
+        _identical(a, b)
 
 
 @pytest.mark.slow
@@ -84,83 +104,12 @@ def test_samples_sharing_a_prompt_prefill_it_once(fast_backend, chat_prompts):
     assert stats["prefills"] == 1 and stats["prefill_tokens"] == len(prompt)
     assert len({tuple(o.token_ids) for o in outs}) > 1, "different seeds must give different samples"
     for k, o in enumerate(outs):
-        _same_sample(fast_backend.generate([prompt], [40 + k], s, 16, progress=False)[0], o)
-
-
-@pytest.fixture
-def tiny_decoder():
-    """A lean decoder on a tiny random llama: the cache geometry at the speed of a unit test.
-    One thread: at these sizes a second one only waits (and on a busy machine, for long)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from thinklab.backends.lean import LeanDecoder
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    yield LeanDecoder(model)
-    torch.set_num_threads(threads)
-
-
-def _serve_tiny(decoder, requests, rows, follow_up=None):
-    """Serve requests on the tiny decoder; follow_up(request, completion, call index) may
-    return a further call. Returns every (request, completion) served and the numbers."""
-    from thinklab.backends.hf import choose_tokens
-
-    served = []
-
-    def then(r, k):
-        def done(c):
-            served.append((r, c))
-            nxt = follow_up(r, c, k) if follow_up is not None else None
-            if nxt is not None:
-                nxt.then, nxt.order = then(nxt, k + 1), r.order
-            return nxt
-        return done
-
-    for r in requests:
-        r.then = then(r, 1)
-    sched = scheduler.RowScheduler(decoder, lambda x, s, u: choose_tokens(x, s, u, decoder.native), None, {2}, 0,
-                                   rows=rows)
-    return served, sched.serve(requests).as_dict()
-
-
-def test_moved_compacted_and_continued_rows_compute_what_fresh_calls_compute(tiny_decoder, monkeypatch):
-    """Prompts of random lengths entering beside running rows (rows move right), a cache
-    with little room beyond the longest request (compacted every few steps), and follow-up
-    calls that drop a few tokens and force others (continued in their row): every call
-    served equals the same call served alone, prefilled afresh."""
-    import random
-
-    monkeypatch.setattr(scheduler, "SLACK", 16)
-    monkeypatch.setattr(scheduler, "SLACK_SHARE", 0.0)
-    rng = random.Random(0)
-    s = SamplingSpec(temperature=1.0)
-
-    def follow_up(r, c, k):  # up to two follow-ups: drop 0-3 tokens, force 1-5, continue
-        if k > 2 or len(c.token_ids) < 2:
-            return None
-        drop = rng.randrange(min(4, len(c.token_ids)))
-        forced = [rng.randrange(3, 128) for _ in range(rng.randrange(1, 6))]
-        return Request(r.prompt + c.token_ids[: len(c.token_ids) - drop] + forced, r.seed * 7 + k, s,
-                       rng.randrange(4, 20))
-
-    sizes = [5, 20, 5, 20, 150, 70, 5, 150, 20, 70, 150, 5, 70, 20]  # short first: long ones then need room
-    first = [Request([rng.randrange(3, 128) for _ in range(n)], 1000 + i, s, rng.randrange(4, 30), order=i)
-             for i, n in enumerate(sizes)]
-    served, stats = _serve_tiny(tiny_decoder, first, rows=4, follow_up=follow_up)
-    assert stats["moves"] >= 2 and stats["continued_in_place"] >= 5 and stats["occupancy"] > 0.8, stats
-    assert len(served) == stats["requests"] > len(first)
-    for r, c in served:
-        (_, alone), = _serve_tiny(tiny_decoder, [Request(r.prompt, r.seed, s, r.max_new_tokens)], rows=1)[0]
-        _same_sample(alone, c)
+        _identical(fast_backend.generate([prompt], [40 + k], s, 16, progress=False)[0], o)
 
 
 class _Rounds(Backend):
     """The hf backend seen through the default `Backend.serve`: every follow-up call is a
-    new `generate` call whose prompt (the sample so far) is prefilled again."""
+    new `generate` call whose prompt (the sample so far) is prefilled afresh."""
 
     name = "rounds"
 
@@ -181,8 +130,10 @@ class _Rounds(Backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("budget", [BudgetSpec(thinking_budget=10, answer_budget=8), BudgetSpec(wait_extensions=1)],
-                         ids=["budget", "wait"])
+# SmolLM2 has no think tags: its thinking ends at an answer marker; "." makes that happen
+# early, so the samples get their "Wait" extensions and answer calls within a few tokens.
+@pytest.mark.parametrize("budget", [BudgetSpec(thinking_budget=10, answer_budget=8),
+                                    BudgetSpec(wait_extensions=2, answer_markers=(".",))], ids=["budget", "wait"])
 def test_follow_up_calls_continued_in_their_row_equal_fresh_calls(fast_backend, chat_prompts, budget):
     spec = RunSpec(model=ModelSpec(name="default"), sampling=SamplingSpec(temperature=0.8, max_tokens=32), budget=budget)
     markers = phase_markers(spec, fast_backend.tokenizer)
@@ -190,12 +141,18 @@ def test_follow_up_calls_continued_in_their_row_equal_fresh_calls(fast_backend, 
     seeds = list(range(500, 500 + len(prompts)))
     scheduled = generate_traces(fast_backend, prompts, seeds, spec.sampling, budget, markers, progress=False)
     stats = fast_backend.last_serve_stats
+    with _Batch(fast_backend, 3):  # the scheduled traces do not depend on the batch either
+        again = generate_traces(fast_backend, prompts, seeds, spec.sampling, budget, markers, progress=False)
     rounds = generate_traces(_Rounds(fast_backend), prompts, seeds, spec.sampling, budget, markers, progress=False)
     assert stats["continued_in_place"] > 0, "no follow-up call ran in its row"
     assert any(t.forced or t.wait_extensions for t in scheduled), "the budget never acted, so nothing was compared"
-    for a, b in zip(scheduled, rounds):
-        _same_sample(a, b)
-        assert (a.n_thinking_tokens, a.wait_extensions, a.forced) == (b.n_thinking_tokens, b.wait_extensions, b.forced)
+    identical = 0
+    for a, b, c in zip(scheduled, again, rounds):
+        _identical(a, b)
+        if _same_up_to_rounding(a, c):
+            identical += 1
+            assert (a.n_thinking_tokens, a.wait_extensions, a.forced) == (c.n_thinking_tokens, c.wait_extensions, c.forced)
+    assert identical >= len(prompts) // 2
 
 
 @pytest.mark.slow
@@ -207,30 +164,159 @@ def test_runs_of_a_study_served_together_equal_each_run_alone(fast_backend, tmp_
     for spec, df in zip(specs, together):
         alone = runner.run(spec, runs_root=tmp_path / "alone", backend=fast_backend, progress=False)
         assert df.height == alone.height == 4
-        assert df["token_ids"].to_list() == alone["token_ids"].to_list()
-        assert df.drop("token_entropy", "token_logprob").equals(alone.drop("token_entropy", "token_logprob"))
-        for col in ("token_entropy", "token_logprob"):
-            a, b = (np.concatenate([np.asarray(x, dtype=np.float64) for x in t[col].to_list()]) for t in (df, alone))
-            assert np.array_equal(np.isnan(a), np.isnan(b))
-            assert np.nanmax(np.abs(a - b)) <= TRACE_ATOL
+        assert df.equals(alone)
+    meta = runner.RunStore(runner.run_dir(specs[0], tmp_path / "together")).read_meta()
+    assert meta["status"] == "complete" and meta["scheduler"]["runs_served_together"] == 2
+    assert meta["backend"]["max_batch_size"] == fast_backend.max_batch_size and meta["backend"]["batch_size_rule"]
+
+
+# ------------------------------------------------------------------ a tiny random llama: the cache's bookkeeping
+
+
+@pytest.fixture
+def tiny_decoder():
+    """A lean decoder on a tiny random llama: the scheduler's bookkeeping at unit-test speed.
+    One thread: at these sizes a second one only waits (and on a busy machine, for long)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thinklab.backends.lean import LeanDecoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    yield LeanDecoder(model)
+    torch.set_num_threads(threads)
+
+
+def _serve_tiny(decoder, requests, rows, follow_up=None):
+    """Serve requests on the tiny decoder; follow_up(request, completion, call index) may
+    return a further call. Returns every (request, completion) served, and the numbers."""
+    from thinklab.backends.hf import choose_tokens
+
+    served = []
+
+    def then(r, k):
+        def done(c):
+            served.append((r, c))
+            nxt = follow_up(r, c, k) if follow_up is not None else None
+            if nxt is not None:
+                nxt.then, nxt.order, nxt.tag = then(nxt, k + 1), r.order, r.tag
+            return nxt
+        return done
+
+    for r in requests:
+        r.then = then(r, 1)
+    sched = scheduler.RowScheduler(decoder, lambda x, s, u: choose_tokens(x, s, u, decoder.native), None, {2}, 0,
+                                   rows=rows)
+    return served, sched.serve(requests).as_dict()
+
+
+def _chains(n: int):
+    """First calls of n chains, and a follow-up rule (up to two follow-ups that drop 0-3 tokens
+    and force 1-5) that depends only on the chain and its history, not on when it is asked."""
+    s = SamplingSpec(temperature=1.0)
+    rng = random.Random(0)
+    sizes = [5, 20, 5, 20, 150, 70, 5, 150, 20, 70, 150, 5, 70, 20]  # short first, then long ones beside them
+    first = [Request([rng.randrange(3, 128) for _ in range(sizes[i % len(sizes)])], 1000 + i, s, rng.randrange(4, 30),
+                     order=i, tag=i) for i in range(n)]
+
+    def follow_up(r, c, k):
+        if k > 2 or len(c.token_ids) < 2:
+            return None
+        g = random.Random(r.tag * 10 + k)
+        drop = g.randrange(min(4, len(c.token_ids)))
+        forced = [g.randrange(3, 128) for _ in range(g.randrange(1, 6))]
+        return Request(r.prompt + c.token_ids[: len(c.token_ids) - drop] + forced, r.seed * 7 + k, s, g.randrange(4, 20))
+
+    return first, follow_up
+
+
+def test_chains_of_calls_are_the_same_bits_alone_and_in_a_crowd(tiny_decoder, monkeypatch):
+    """Prompts of very different lengths entering beside running rows, follow-up calls that
+    drop tokens and force others (continued in their row), a cache that has to grow, and a
+    batch that shrinks at the end: every call equals the same chain served alone."""
+    monkeypatch.setattr(scheduler, "SLACK", 1)
+    monkeypatch.setattr(scheduler, "SLACK_SHARE", 0.0)
+    first, follow_up = _chains(14)
+    crowd, stats = _serve_tiny(tiny_decoder, first, rows=4, follow_up=follow_up)
+    assert stats["continued_in_place"] >= 5 and stats["resizes"] >= 2 and stats["occupancy"] > 0.8, stats
+    assert len(crowd) == stats["requests"] > len(first)
+    for i in range(len(first)):
+        chain, _ = _serve_tiny(tiny_decoder, [_chains(14)[0][i]], rows=1, follow_up=follow_up)
+        mine = [(r, c) for r, c in crowd if r.tag == i]
+        assert [r.prompt for r, _ in chain] == [r.prompt for r, _ in mine]
+        for (_, a), (_, b) in zip(chain, mine):
+            _identical(a, b)
+
+
+def test_continued_calls_equal_fresh_calls(tiny_decoder):
+    first, follow_up = _chains(8)
+    crowd, stats = _serve_tiny(tiny_decoder, first, rows=3, follow_up=follow_up)
+    assert stats["continued_in_place"] >= 4
+    s = SamplingSpec(temperature=1.0)
+    for r, c in crowd:
+        ((_, fresh),), _ = _serve_tiny(tiny_decoder, [Request(r.prompt, r.seed, s, r.max_new_tokens)], rows=1)
+        _same_up_to_rounding(fresh, c)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+def test_decode_rows_of_different_lengths_match_a_plain_forward(native):
+    """Rows holding 3, 40 and 130 positions decode one step each, one of them after its last
+    position was masked out (dropped, as a "Wait" extension drops a stop string): every
+    row's logits equal a plain causal forward over its own kept tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thinklab.backends.lean import LeanDecoder
+
+    if native:
+        from thinklab.backends.lean import native_ops
+
+        if native_ops() is None:
+            pytest.skip("the native kernels do not run on this CPU (they need AVX-512F)")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    dec = LeanDecoder(model, native=native)
+    assert dec.native_attention == native
+    lengths, hole = [3, 40, 130], (1, 39)  # row 1's last cached position is masked out
+    seqs = [torch.randint(3, 128, (n + 1,)).tolist() for n in lengths]  # n cached tokens + the one fed now
+    with torch.inference_mode():
+        cache = dec.new_cache(3, 256)
+        keep = torch.zeros(3, 256, dtype=torch.bool)
+        for r, n in enumerate(lengths):
+            tmp = dec.new_cache(1, n)
+            dec.forward(torch.tensor([seqs[r][:n]]), torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), tmp)
+            for i in range(len(tmp.k)):
+                blocks = tmp.k[i].shape[2] if tmp.blocked else n
+                cache.k[i][r, :, :blocks] = tmp.k[i][0, :, :blocks]
+                cache.v[i][r, :, :n] = tmp.v[i][0, :, :n]
+            keep[r, :n] = True
+        keep[hole] = False
+        cols = torch.tensor(lengths)
+        keep[torch.arange(3), cols] = True
+        # the row with the hole feeds its last token at position n - 1: one position was dropped
+        pos = torch.tensor([n - (r == hole[0]) for r, n in enumerate(lengths)])[:, None]
+        ids = torch.tensor([s[-1] for s in seqs])[:, None]
+        got = dec.decode_rows(ids, pos, cols, keep, cache)
+        for r in range(3):
+            kept = [t for j, t in enumerate(seqs[r]) if not (r == hole[0] and j == hole[1])]
+            want = model(torch.tensor([kept])).logits[0, -1]
+            assert (got[r] - want).abs().max() < 1e-4 * want.abs().max()
 
 
 @pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "flat"])
-def test_kv_cache_rows_move_and_resize(blocked):
-    cache = KVCache(layers=1, batch=3, kv_heads=2, capacity=64, head_dim=3, dtype=torch.float32, device="cpu",
+def test_kv_cache_starts_zeroed_and_resizes(blocked):
+    cache = KVCache(layers=1, batch=3, kv_heads=2, capacity=20, head_dim=3, dtype=torch.float32, device="cpu",
                     blocked=blocked)
+    assert cache.capacity == 32 and cache.blocked == blocked
     assert torch.count_nonzero(cache.v[0]) == 0 and torch.count_nonzero(cache.k[0]) == 0, "a new cache is zeroed"
-    k = torch.arange(2 * 20 * 3, dtype=torch.float32).view(2, 20, 3)
-    cache.write_row(0, 1, 5, k, -k)  # row 1, positions 5..24
-    cache.length = 25
-    assert torch.equal(cache.keys(0, 25)[1, :, 5:], k)
-    assert torch.equal(cache.keys(0, 25, start=16)[1], k[:, 11:])
-    assert torch.count_nonzero(cache.keys(0, 25)[[0, 2]]) == 0, "other rows untouched"
-    cache.move(0, 32, 16)
-    assert torch.equal(cache.keys(0, 41)[1, :, 21:41], k) and torch.equal(cache.v[0][1, :, 21:41], -k)
-    cache.length = 41
-    small = cache.resized(torch.tensor([1]), 1, 48)
-    assert small.capacity == 48 and small.length == 41
-    assert torch.equal(small.keys(0, 41)[0, :, 21:41], k) and torch.equal(small.v[0][0, :, 21:41], -k)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        cache.move(0, 20, 16)
+    k = torch.arange(3 * 2 * 19 * 3, dtype=torch.float32).view(3, 2, 19, 3)
+    cache.write(0, 0, k, -k)
+    cache.length = 19
+    assert torch.equal(cache.keys(0, 19), k)
+    bigger = cache.resized(torch.tensor([2, 0]), 4, 70)
+    assert bigger.capacity == 80 and bigger.length == 19 and bigger.blocked == blocked
+    assert torch.equal(bigger.keys(0, 19)[:2], k[[2, 0]]) and torch.equal(bigger.v[0][:2, :, :19], -k[[2, 0]])
+    assert torch.count_nonzero(bigger.keys(0, 80)[2:]) == 0 and torch.count_nonzero(bigger.v[0][:, :, 19:]) == 0

@@ -33,6 +33,7 @@ forward to float rounding (tests/test_lean.py).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "qwen2")
+ATTENTION_CHUNK = 128  # columns per chunk of the torch path's row-wise decode attention (decode_rows)
 NATIVE_DIR = Path(__file__).parent / "native"
 NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp", NATIVE_DIR / "sampling.cpp"]
 _native = None  # the loaded extension, or False once it proved unavailable
@@ -274,39 +276,13 @@ class KVCache:
             self.k[layer][:, :, n0 : n0 + k.shape[2]] = k
         self.v[layer][:, :, n0 : n0 + k.shape[2]] = v
 
-    def write_row(self, layer: int, row: int, n0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one row's keys and values (kv heads, T, head dim) at positions n0 .. n0 + T."""
-        if self.blocked:
-            pos = torch.arange(n0, n0 + k.shape[1], device=k.device)
-            self.k[layer][row][:, pos // self.BLOCK, :, pos % self.BLOCK] = k.transpose(0, 1)
-        else:
-            self.k[layer][row, :, n0 : n0 + k.shape[1]] = k
-        self.v[layer][row, :, n0 : n0 + k.shape[1]] = v
-
-    def keys(self, layer: int, n: int, start: int = 0) -> torch.Tensor:
-        """Keys start .. n of a layer as (batch, kv heads, n - start, head dim): a view, or a
-        copy of the blocks that hold them in the blocked layout."""
+    def keys(self, layer: int, n: int) -> torch.Tensor:
+        """The first n keys of a layer as (batch, kv heads, n, head dim): a view, or a copy
+        of the blocks that hold them in the blocked layout."""
         if not self.blocked:
-            return self.k[layer][:, :, start:n]
-        b0 = start // self.BLOCK
-        k = self.k[layer][:, :, b0 : -(-n // self.BLOCK)]  # only the blocks that hold them
-        k = k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])
-        return k[:, :, start - b0 * self.BLOCK : n - b0 * self.BLOCK]
-
-    def move(self, start: int, end: int, delta: int) -> None:
-        """Move positions start .. end of every row by delta (all multiples of 16, so whole
-        key blocks move); the positions left behind keep their old contents."""
-        if start % self.BLOCK or end % self.BLOCK or delta % self.BLOCK:
-            raise ValueError(f"move({start}, {end}, {delta}): positions must be multiples of {self.BLOCK}")
-        if start + delta < 0 or end + delta > self.capacity:
-            raise ValueError(f"move({start}, {end}, {delta}) leaves the capacity {self.capacity}")
-        if delta == 0 or end <= start:
-            return
-        kb = (start // self.BLOCK, end // self.BLOCK, delta // self.BLOCK) if self.blocked else (start, end, delta)
-        for i in range(len(self.k)):
-            a, b, d = kb
-            self.k[i][:, :, a + d : b + d] = self.k[i][:, :, a:b].clone()
-            self.v[i][:, :, start + delta : end + delta] = self.v[i][:, :, start:end].clone()
+            return self.k[layer][:, :, :n]
+        k = self.k[layer][:, :, : -(-n // self.BLOCK)]  # only the blocks that hold them
+        return k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])[:, :, :n]
 
     def resized(self, rows: torch.Tensor | None, batch: int, capacity: int) -> "KVCache":
         """A new cache of `batch` rows and `capacity` positions holding the first `length`
@@ -421,16 +397,73 @@ class LeanDecoder:
         """Bytes of keys and values one position of one row holds, over all layers."""
         return 2 * len(self.layers) * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
 
+    def decode_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor, columns: torch.Tensor,
+                    attention: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step of rows that each hold their own number of positions (the row
+        scheduler's rows, thinklab.backends.scheduler): row r's new key and value go to its
+        cache column columns[r], and it attends over its columns 0 .. columns[r] where
+        `attention` (b, >= max column + 1, bool) is true. Logits of each row, (b, vocab).
+
+        A row's arithmetic reads only its own columns, in an order fixed by them, so a row
+        computes the same bits whatever the other rows hold: the native kernel runs each
+        row over its own columns; the torch path reads a window of ATTENTION_CHUNK-column
+        chunks that covers the widest row, scores keys against queries as (keys x queries)
+        products, takes the softmax over the window (masked columns weigh 0) and sums the
+        values chunk by chunk, each step a product of a fixed shape, whose results were
+        seen not to depend on the window's width or the batch (tests/test_scheduler.py).
+
+        input_ids, position_ids: (b, 1); columns: (b,) int64.
+        """
+        b = input_ids.shape[0]
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        group, half = nh // nkv, hd // 2
+        widest = int(columns.max()) + 1
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, position_ids)  # (b, 1, hd)
+        if self.native_attention:
+            if widest > cache.capacity or attention.shape[1] < widest:
+                raise ValueError(f"decode_rows: column {widest - 1} is outside the cache or the mask")
+            cos1, sin1 = cos[:, 0, :half].contiguous(), sin[:, 0, :half].contiguous()
+            keep1 = attention[:, :widest].contiguous()
+        else:
+            W = -(-widest // ATTENTION_CHUNK) * ATTENTION_CHUNK
+            if W > cache.capacity or attention.shape[1] < W:
+                raise ValueError(f"decode_rows: a window of {W} columns does not fit the cache or the mask "
+                                 f"(capacity {cache.capacity}; give both a multiple of {ATTENTION_CHUNK})")
+            masked = ~attention[:, None, None, :W]  # (b, 1, 1, W)
+            rot = torch.complex(cos[..., :half], sin[..., :half])[:, :, None]  # (b, 1, 1, hd/2)
+            rows = torch.arange(b, device=x.device)
+            chunks = W // ATTENTION_CHUNK
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(x)  # (b, 1, (nh + 2 nkv) hd)
+            kc, vc = cache.k[i], cache.v[i]
+            if self.native_attention:
+                out = self.native.decode_attention(qkv.view(b, -1), cos1, sin1, kc, vc, keep1, 0, nh, nkv,
+                                                   self.scale, columns)
+            else:
+                qk = qkv[..., : (nh + nkv) * hd].reshape(b, 1, nh + nkv, hd // 2, 2)
+                qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(b, nh + nkv, hd)
+                kc[rows, :, columns] = qk[:, nh:]
+                vc[rows, :, columns] = qkv[:, 0, (nh + nkv) * hd :].view(b, nkv, hd)
+                q = qk[:, :nh].reshape(b, nkv, group, hd).contiguous()  # its strides pick the product's kernel
+                s = torch.matmul(kc[:, :, :W], q.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (b, nkv, group, W)
+                p = torch.softmax(s.mul_(self.scale).masked_fill_(masked, -math.inf), dim=-1)
+                part = torch.matmul(p.view(b, nkv, group, chunks, ATTENTION_CHUNK).transpose(2, 3),
+                                    vc[:, :, :W].view(b, nkv, chunks, ATTENTION_CHUNK, hd))  # (b, nkv, chunks, group, hd)
+                out = part[:, :, 0]
+                for c in range(1, chunks):
+                    out = out + part[:, :, c]
+            x = L.o(out.reshape(b, 1, nh * hd), x)
+            x = L.down(L.mlp(x), x)
+        cache.length = max(cache.length, widest)
+        return self.lm_head(x[:, -1].contiguous())
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: torch.Tensor,
-                cache: KVCache, window: int = 0) -> torch.Tensor:
+                cache: KVCache) -> torch.Tensor:
         """Logits of the last position of each row, (b, vocab).
 
         input_ids, position_ids: (b, T), the T new positions of every row.
-        attention: (b, >= cache.length + T), 1 (or True) where a row attends, 0 elsewhere
-        (left padding, or cache positions that belong to another row).
-        window: a position no row attends before, a multiple of 16; the SDPA path then
-        reads keys and values from there on only (the native kernel reads from 0, where
-        the mask weighs the positions before it 0).
+        attention: (b, cache.length + T), 1 for real tokens, 0 for left padding.
         """
         b, T = input_ids.shape
         n0, n = cache.length, cache.length + T
@@ -438,8 +471,6 @@ class LeanDecoder:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {n} were asked for")
         if cache.blocked != self.native_attention:
             raise ValueError("this cache's key layout is not the one this forward reads; build it with new_cache")
-        if window % KVCache.BLOCK or not 0 <= window <= n0:
-            raise ValueError(f"window={window} must be a multiple of {KVCache.BLOCK} in [0, {n0}]")
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         group = nh // nkv
         x = F.embedding(input_ids, self.embed)
@@ -471,14 +502,14 @@ class LeanDecoder:
                 q = qk[:, :, :nh].transpose(1, 2)
                 cache.write(i, n0, qk[:, :, nh:].transpose(1, 2),
                             qkv[..., (nh + nkv) * hd :].view(b, T, nkv, hd).transpose(1, 2))
-                keys, values, mask = cache.keys(i, n, window), vc[:, :, window:n], keep[..., window:]
+                keys = cache.keys(i, n)
                 if T == 1:
                     # Grouped-query decode: the `group` query heads sharing a kv head become its queries.
-                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), keys, values,
-                                                         attn_mask=mask, scale=self.scale)
+                    out = F.scaled_dot_product_attention(q.reshape(b, nkv, group, hd), keys, vc[:, :, :n],
+                                                         attn_mask=keep, scale=self.scale)
                     out = out.reshape(b, 1, nh * hd)
                 else:
-                    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                    out = F.scaled_dot_product_attention(q, keys, vc[:, :, :n], attn_mask=keep,
                                                          scale=self.scale, enable_gqa=True)
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
             # RMSNorms (folded into qkv and mlp), residual adds and the SwiGLU gating run inside the GEMMs.

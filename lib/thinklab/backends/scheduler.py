@@ -13,29 +13,32 @@ request their `then` callbacks return, keeping up to `rows` of them decoding at 
     prompt, so samples admitted at different steps still prefill once.
   - A follow-up request whose prompt extends what its row already holds (budget forcing's
     answer call, a "Wait" extension: the sample's prompt + its tokens so far, minus a
-    dropped stop string, plus forced tokens) continues in that row: positions it no longer
-    wants are masked out, and the few new prompt tokens are fed one per step before
-    sampling resumes. Nothing is prefilled again.
+    dropped stop string, plus forced tokens) continues in that row: the positions it no
+    longer wants are masked out, and its few new prompt tokens are fed one per step
+    before sampling resumes. Nothing is prefilled again.
 
-Layout. All rows share one KV cache (lean.KVCache) and one length n: each step writes
-every row's new key and value at column n. A row owns the columns its mask row marks
-(its prompt, right-aligned to n when admitted, then one column per step); position ids
-are per row, so where a row sits in its slot does not change what it computes. When n
-reaches the capacity, the cache is compacted (every row moved left by the oldest live
-row's start, in whole 16-position blocks); when a prompt is longer than n, rows move
-right to make room. The SDPA path reads only the window from the oldest live row's start;
-the native kernel reads from column 0 (masked positions weigh 0), so there compaction is
-also done eagerly, whenever the dead prefix is as long as the live window. Free slots
-decode a pad token that attends only to itself; when nothing is pending and a quarter of
-the slots are free, the batch shrinks to the live rows.
+Layout. Each row owns a slot of the KV cache (lean.KVCache) and fills it from column 0:
+its prompt, then one column per step (`LeanDecoder.decode_rows` writes each row's key and
+value at its own column). A free slot decodes a pad token that attends only to itself.
+When nothing is pending and a quarter of the slots are free, the batch shrinks to its
+live rows; the capacity grows when a row (a long chain of follow-ups) needs it.
 
-What makes a sample what it is does not depend on its neighbours: its uniforms come from
-its own torch.Generator seeded with its request's seed (one float64 per token, drawn up
-front, as in the fixed-batch loop), its prompt is prefilled alone, and a decode row's
-arithmetic does not read other rows (masked positions contribute exact zeros). Where the
-attention's reductions run over a different number or alignment of masked positions,
-results can differ by float rounding (the native kernel's softmax sum, SDPA's tiling);
-tests/test_scheduler.py checks token ids are equal and entropies agree to 1e-5.
+Why this layout: a row's attention then reads only its own columns, from column 0, so
+its arithmetic does not depend on the other rows (how many, how long, when they came):
+the GEMMs compute each row independently, the native attention kernel runs each row over
+its own columns, and the torch path uses products whose results do not depend on the
+window (decode_rows). A sample's tokens, entropies and log-probabilities are then the
+same bits whoever decodes beside it and whenever it entered, which matters beyond
+neatness: inverse-CDF sampling over a vocabulary of tiny probabilities turns a 1e-6
+change in the logits into a different token whenever the draw lands among rare tokens.
+(A single shared column count with rows right-aligned to it, as fixed batches use, would
+let each row's softmax and value sums run over a different run of masked columns.)
+
+Each sample keeps its own random stream: the uniforms of a request come from a
+torch.Generator seeded with its seed, one float64 per token, drawn up front, as in the
+fixed-batch loop. A follow-up continued in its row computes its new positions by decode
+steps, not by one prefill: its tokens equal those of the same call prefilled afresh up
+to float rounding (tests/test_scheduler.py).
 
 This module knows nothing about tasks, budgets or storage: it sees requests and returns
 completions.
@@ -53,20 +56,15 @@ from typing import Callable, Iterable
 import torch
 
 from thinklab.backends.base import Completion, Request
-from thinklab.backends.lean import KVCache, LeanDecoder
+from thinklab.backends.lean import ATTENTION_CHUNK, LeanDecoder
 
-BLOCK = KVCache.BLOCK
-MAX_FEED = 64  # a follow-up whose new prompt tokens are more than this is prefilled instead of fed
+MAX_FEED = 64  # a follow-up with more new prompt tokens than this is prefilled instead of fed
 SLACK, SLACK_SHARE = 64, 0.25  # capacity beyond the longest request: the larger of these positions and share
 SHRINK_AT = 0.75  # with nothing pending, the batch shrinks to its live rows once they fill at most this share
 
 
 def _up(x: int) -> int:
-    return -(-x // BLOCK) * BLOCK
-
-
-def _down(x: int) -> int:
-    return x // BLOCK * BLOCK
+    return -(-x // ATTENTION_CHUNK) * ATTENTION_CHUNK
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -79,16 +77,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 @dataclass
 class _Prefill:
-    keys: list[torch.Tensor]  # per layer (kv heads, P, head dim)
+    keys: list[torch.Tensor]  # per layer, the temporary cache's key tensor of its one row
     values: list[torch.Tensor]
     logits: torch.Tensor  # (V,) at the prompt's last position
+    length: int
 
 
 @dataclass
 class _Row:
     req: Request
-    cols: list[int]  # virtual cache column of each position the row holds keys and values for
-    seq: list[int]  # what the row's positions hold: its prompt, then its sampled tokens
+    cols: list[int]  # cache column of each position the row holds keys and values for
+    seq: list[int]  # what those positions hold: its prompt, then its sampled tokens
+    used: int  # columns used, masked ones included: the next column to write
     feed: deque = field(default_factory=deque)  # prompt tokens still to feed before sampling resumes
     last: int | None = None  # the last sampled token, fed at the next step
     uniforms: list[float] | None = None
@@ -110,7 +110,6 @@ class SchedulerStats:
     prefills: int = 0
     prefill_tokens: int = 0
     continued_in_place: int = 0
-    moves: int = 0
     resizes: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -164,24 +163,22 @@ class RowScheduler:
         if not self.queue:
             return self.stats
         span = max(len(r.prompt) + r.max_new_tokens for _, _, r in self.queue)
-        capacity = _up(span + max(SLACK, int(span * SLACK_SHARE)))  # room to run between compactions
+        capacity = _up(span + max(SLACK, int(span * SLACK_SHARE)))  # room for follow-ups before growing
         self.stats.rows = rows = self._rows_that_fit(min(self.max_rows, len(self.queue)), capacity)
         self.cache = self.decoder.new_cache(rows, capacity)
         self.keep = torch.zeros((rows, self.cache.capacity), dtype=torch.bool, device=self.device)
         self.slots: list[_Row | None] = [None] * rows
-        self.shifted = 0  # virtual column = cache column + shifted
-        self.headroom = 0  # the longest prompt admitted so far: compaction keeps n at least this
-        while self.queue or any(self.slots):
-            self._admit()
-            if any(self.slots):
-                self._step()
-            elif self.queue:
-                raise RuntimeError("scheduler: requests are pending but none could be admitted")
-        self.stats.seconds = time.perf_counter() - t_start
-        del self.cache, self.keep, self.slots, self.prefills
+        try:
+            while self.queue or any(self.slots):
+                self._admit()
+                if any(self.slots):
+                    self._step()
+        finally:
+            self.stats.seconds = time.perf_counter() - t_start
+            del self.cache, self.keep, self.slots, self.prefills
         return self.stats
 
-    # ------------------------------------------------------------------ queue
+    # ------------------------------------------------------------------ queue and memory
 
     def _push(self, r: Request) -> None:
         if not r.prompt:
@@ -198,35 +195,12 @@ class RowScheduler:
         per_row = capacity * self.decoder.kv_bytes_per_position()
         return max(1, min(rows, self.memory_bytes // per_row))
 
-    # ------------------------------------------------------------------ cache geometry
-
-    @property
-    def n(self) -> int:
-        return self.cache.length
-
     def _live(self) -> list[tuple[int, _Row]]:
         return [(i, r) for i, r in enumerate(self.slots) if r is not None]
 
-    def _oldest_start(self) -> int:
-        """Cache column of the first position any live row holds (n when none do)."""
-        starts = [r.cols[0] - self.shifted for _, r in self._live() if r.cols]
-        return min(starts) if starts else self.n
-
-    def _move(self, delta: int) -> None:
-        """Move every row's columns by delta (a multiple of 16) and the length with them."""
-        lo, end = _down(self._oldest_start()), _up(self.n)
-        if end + delta > self.cache.capacity:
-            self._resize(None, len(self.slots), _up(end + delta + BLOCK))
-        self.cache.move(lo, end, delta)
-        moved = self.keep[:, lo:end].clone()
-        self.keep[:, min(lo, lo + delta) : max(end, end + delta)] = False
-        self.keep[:, lo + delta : end + delta] = moved
-        self.cache.length += delta
-        self.shifted -= delta
-        self.stats.moves += 1
-
     def _resize(self, rows: list[int] | None, batch: int, capacity: int) -> None:
-        """Reallocate the cache (and mask) with `batch` slots holding `rows` first, and `capacity`."""
+        """Reallocate the cache (and mask) with `batch` slots holding `rows` first (default:
+        all, in place), and `capacity` columns."""
         rows_t = None if rows is None else torch.tensor(rows, dtype=torch.long, device=self.device)
         self.cache = self.cache.resized(rows_t, batch, capacity)
         keep = torch.zeros((batch, self.cache.capacity), dtype=torch.bool, device=self.device)
@@ -237,35 +211,15 @@ class RowScheduler:
             self.slots = [self.slots[i] for i in rows] + [None] * (batch - len(rows))
         self.stats.resizes += 1
 
-    def _make_room(self, prompt_len: int) -> None:
-        """Make n >= prompt_len so that a prompt can be placed right-aligned at n."""
-        if not self._live():
-            self.keep.zero_()
-            self.shifted += self.n  # columns restart; virtual columns of finished rows no longer matter
-            self.cache.length = _up(prompt_len)
-        elif self.n < prompt_len:
-            self._move(_up(prompt_len - self.n))
-        if self.n + 1 > self.cache.capacity:
-            self._resize(None, len(self.slots), _up(self.n + 1 + BLOCK))
-
-    def _compact(self) -> None:
-        """Before a step: room for column n, and (native attention) no long dead prefix."""
-        n, oldest = self.n, self._oldest_start()
-        dead = _down(oldest)
-        full = n + 1 > self.cache.capacity
-        eager = self.decoder.native_attention and dead >= max(4 * BLOCK, n - oldest)
-        if not (full or eager):
+    def _ensure_capacity(self, columns: int) -> None:
+        """Room for `columns` columns in every slot (grows the cache by half at least)."""
+        if columns <= self.cache.capacity:
             return
-        shift = min(dead, _down(max(n - self.headroom, 0))) if not full else dead
-        if shift > 0:
-            self._move(-shift)
-        if self.n + 1 > self.cache.capacity:
-            grow = max(self.cache.capacity // 2, 4 * BLOCK)
-            rows = self._rows_that_fit(len(self.slots), self.cache.capacity + grow)
-            if rows < len(self._live()):
-                raise MemoryError(f"scheduler: {len(self._live())} rows of {self.cache.capacity + grow} positions "
-                                  f"do not fit the memory budget of {self.memory_bytes} bytes")
-            self._resize(None, len(self.slots), self.cache.capacity + grow)
+        capacity = _up(max(columns, self.cache.capacity + self.cache.capacity // 2))
+        if self._rows_that_fit(len(self.slots), capacity) < len(self._live()):
+            raise MemoryError(f"scheduler: {len(self._live())} rows of {capacity} positions do not fit the memory "
+                              f"budget of {self.memory_bytes} bytes")
+        self._resize(None, len(self.slots), capacity)
 
     # ------------------------------------------------------------------ admission
 
@@ -280,43 +234,47 @@ class RowScheduler:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         pos = torch.arange(P, device=self.device)[None]
         logits = self.decoder.forward(ids, pos, torch.ones((1, P), dtype=torch.bool, device=self.device), tmp)
-        pf = _Prefill([tmp.keys(i, P)[0].clone() for i in range(len(tmp.k))],
-                      [tmp.v[i][0, :, :P].clone() for i in range(len(tmp.v))], logits[0])
+        pf = _Prefill([k[0] for k in tmp.k], [v[0] for v in tmp.v], logits[0], P)
         self.prefills[key] = pf
         self.stats.prefills += 1
         self.stats.prefill_tokens += P
         self.stats.prefill_seconds += time.perf_counter() - t0
         return pf
 
+    def _place(self, slot: int, pf: _Prefill) -> None:
+        """Copy a prefill's keys and values into columns 0 .. P of a slot (whole key blocks:
+        both caches start at column 0)."""
+        nk = pf.keys[0].shape[1] if self.cache.blocked else pf.length
+        for i, (k, v) in enumerate(zip(pf.keys, pf.values)):
+            self.cache.k[i][slot, :, :nk] = k[:, :nk]
+            self.cache.v[i][slot, :, : pf.length] = v[:, : pf.length]
+        self.keep[slot] = False
+        self.keep[slot, : pf.length] = True
+        self.cache.length = max(self.cache.length, pf.length)  # what a resize copies
+
     def _admit(self) -> None:
-        free = [i for i, r in enumerate(self.slots) if r is None]
         if not self.queue:
             live = self._live()
             if live and len(live) <= SHRINK_AT * len(self.slots):
+                self.cache.length = max(r.used for _, r in live)
                 self._resize([i for i, _ in live], len(live), self.cache.capacity)
             return
+        free = [i for i, r in enumerate(self.slots) if r is None]
         if not free:
             return
         taken = [heapq.heappop(self.queue)[2] for _ in range(min(len(free), len(self.queue)))]
+        self._ensure_capacity(_up(max(len(r.prompt) for r in taken) + 1))
         prefills = []
         for r in taken:
             prefills.append(self._prefill(r.prompt))
             key = tuple(r.prompt)
             self.pending_prompts[key] -= 1
             if self.pending_prompts[key] == 0:
-                del self.pending_prompts[key], self.prefills[key]  # the local `prefills` keeps it for now
-        longest = max(len(r.prompt) for r in taken)
-        self.headroom = max(self.headroom, longest)
-        self._make_room(longest)
-        n = self.n
+                del self.pending_prompts[key], self.prefills[key]  # `prefills` above keeps it for this admission
         rows = []
         for slot, r, pf in zip(free, taken, prefills):
-            P = len(r.prompt)
-            for i, (k, v) in enumerate(zip(pf.keys, pf.values)):
-                self.cache.write_row(i, slot, n - P, k, v)
-            self.keep[slot] = False
-            self.keep[slot, n - P : n] = True
-            row = _Row(req=r, cols=list(range(n - P + self.shifted, n + self.shifted)), seq=list(r.prompt),
+            self._place(slot, pf)
+            row = _Row(req=r, cols=list(range(pf.length)), seq=list(r.prompt), used=pf.length,
                        uniforms=self._uniforms(r))
             self.slots[slot] = row
             rows.append((slot, row))
@@ -332,28 +290,29 @@ class RowScheduler:
     # ------------------------------------------------------------------ decoding
 
     def _step(self) -> None:
-        self._compact()
+        live = self._live()
+        self._ensure_capacity(_up(max(r.used for _, r in live) + 1))
         t0 = time.perf_counter()
-        B, n = len(self.slots), self.n
-        ids = [self.pad_id] * B
-        pos = [0] * B
+        B = len(self.slots)
+        ids, pos, cols = [self.pad_id] * B, [0] * B, [0] * B
         sampling_rows = []
-        live = 0
-        for i, row in self._live():
-            live += 1
+        for i, row in live:
             ids[i] = row.feed.popleft() if row.feed else row.last
-            pos[i] = len(row.cols)
-            row.cols.append(n + self.shifted)
+            pos[i], cols[i] = len(row.cols), row.used
+            row.cols.append(row.used)
+            row.used += 1
             if not row.feed:
                 sampling_rows.append((i, row))
-        self.keep[:, n] = True  # every slot sees its new column; a free slot sees only that
-        window = _down(self._oldest_start()) if not self.decoder.native_attention else 0
-        window = min(window, _down(n))
+        for i, row in enumerate(self.slots):
+            if row is None:  # a free slot decodes a pad token at column 0 that attends only to itself
+                self.keep[i] = False
+        cols_t = torch.tensor(cols, dtype=torch.long, device=self.device)
+        self.keep[torch.arange(B, device=self.device), cols_t] = True
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
         pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]
-        logits = self.decoder.forward(ids_t, pos_t, self.keep[:, : n + 1], self.cache, window)
+        logits = self.decoder.decode_rows(ids_t, pos_t, cols_t, self.keep, self.cache)
         self.stats.steps += 1
-        self.stats.row_steps += live
+        self.stats.row_steps += len(live)
         self.stats.slot_steps += B
         if len(sampling_rows) == B:  # a full batch: no copy of the logits
             self._sample(sampling_rows, logits)
@@ -425,7 +384,7 @@ class RowScheduler:
         if kept == 0 or not 0 < len(req.prompt) - kept <= MAX_FEED:
             return False
         for c in row.cols[kept:]:
-            self.keep[slot, c - self.shifted] = False
+            self.keep[slot, c] = False
         del row.cols[kept:]
         row.req, row.seq, row.feed, row.last = req, list(req.prompt), deque(req.prompt[kept:]), None
         row.uniforms = self._uniforms(req)
