@@ -104,7 +104,7 @@ def main() -> None:
               f"(mean {e2e['mean_tokens']:.0f} tokens/sample, truncated {e2e['truncated']:.0%}, accuracy "
               f"{e2e['accuracy']:.2f}); scheduler: {st.get('rows')} rows, occupancy {st.get('occupancy')}, "
               f"{st.get('prefills')} prefills ({st.get('prefill_seconds')} s), decode {st.get('decode_seconds')} s, "
-              f"{st.get('moves')} moves, {st.get('resizes')} resizes")
+              f"{st.get('continued_in_place')} calls continued in their row, {st.get('resizes')} cache resizes")
         rows = st.get("rows") or hf.max_batch_size
         steady = steady_state(hf, spec, rows, max(16, round(e2e["mean_tokens"])))
         print(f"  steady-state decode at {rows} rows x {steady['stats']['sampled_tokens'] // rows} tokens: "

@@ -261,6 +261,23 @@ def test_continued_calls_equal_fresh_calls(tiny_decoder):
         _same_up_to_rounding(fresh, c)
 
 
+@pytest.mark.parametrize("sampling", [SamplingSpec(temperature=1.0), SamplingSpec(temperature=0.7, top_p=0.9),
+                                      SamplingSpec(temperature=0)], ids=["T1", "top-p", "greedy"])
+def test_token_choice_and_trace_of_a_row_do_not_depend_on_the_batch(sampling):
+    """The torch sampler on a full vocabulary, a row alone and among five others, with the
+    threads torch would use: the same bits."""
+    from thinklab.backends.hf import choose_tokens
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 49152, generator=g) * 3
+    u = None if sampling.temperature == 0 else torch.rand(6, generator=g, dtype=torch.float64)
+    together = choose_tokens(logits, sampling, u)
+    for r in range(6):
+        alone = choose_tokens(logits[r : r + 1].clone(), sampling, None if u is None else u[r : r + 1].clone())
+        for a, b in zip(together, alone):
+            assert torch.equal(a[r : r + 1], b)
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 def test_decode_rows_of_different_lengths_match_a_plain_forward(native):
     """Rows holding 3, 40 and 130 positions decode one step each, one of them after its last

@@ -139,11 +139,22 @@ def sample_inverse_cdf(p: torch.Tensor, u: torch.Tensor, block: int = 1024) -> t
     return (bi * block + ti).squeeze(-1)
 
 
+def row_sums(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The sum of each row of x (b, V), added in an order that does not depend on b: within
+    blocks of `block` columns, then across blocks. (`x.sum(-1)` splits a lone row across
+    threads but not the rows of a batch, so a sample's entropy would change in its last
+    bits with the number of rows decoding beside it.)"""
+    b, V = x.shape
+    pad = (-V) % block
+    blocks = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(b, -1, block)
+    return blocks.sum(dim=-1).sum(dim=-1)
+
+
 def entropy_from_logp(logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy in nats of each row of log-probabilities (p = exp(logp) if already computed);
     masked (-inf) entries count 0."""
     p = logp.exp() if p is None else p
-    return -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
+    return -row_sums(p * logp.clamp_min(torch.finfo(logp.dtype).min))
 
 
 def choose_tokens(logits: torch.Tensor, sampling: SamplingSpec, u: torch.Tensor | None, native=None):

@@ -20,7 +20,9 @@ larger operations:
     heads are folded into the query length, so nothing is copied per head;
   - at decode, RoPE, the cache write and attention of a layer are one call into a C++
     kernel (native/decode_attention.cpp); without the native kernels (no compiler, no
-    AVX-512, THINKLAB_NATIVE=0) the same steps run as torch operations and SDPA.
+    AVX-512, THINKLAB_NATIVE=0) the same steps run as torch operations and SDPA;
+  - `decode_rows` decodes rows that each hold their own number of positions (the row
+    scheduler's, scheduler.py), each row's arithmetic reading only its own positions.
 
 It reads the weights of a loaded transformers model and keeps its own packed copies
 (memory: about the size of the linear weights), and it uses the model's own rotary
