@@ -103,9 +103,13 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 
 def cmd_generate(args) -> int:
-    from thinklab import runner
+    from thinklab import tasks
 
     spec = spec_from_args(args)
+    tasks.load_task(spec.task, spec.n_problems, spec.task_seed)  # bad input fails here, before torch loads
+
+    from thinklab import runner
+
     df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet)
     if not args.quiet:
         acc = df["correct"].mean() if len(df) else float("nan")
