@@ -106,16 +106,28 @@ def notebook_parameters(notebook: Path | str) -> dict[str, str]:
     """Names assigned in the notebook's `parameters` cell -> their default as source text.
 
     Parsed with `ast` rather than `papermill.inspect_notebook`, whose line parser drops
-    parameters whose comment holds parentheses or quotes.
+    parameters whose comment holds parentheses or quotes. A version-4 notebook is read as
+    plain JSON: importing nbformat (and its schema validator) takes seconds, and every
+    sweep file is checked before anything runs.
     """
-    import nbformat
+    try:
+        nb = json.loads(Path(notebook).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{notebook} is not a notebook (not valid JSON: {exc})") from None
+    if not isinstance(nb, dict) or nb.get("nbformat") != 4 or not isinstance(nb.get("cells"), list):
+        import nbformat
 
-    nb = nbformat.read(str(notebook), as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            source = cell.source
+        nb = nbformat.read(str(notebook), as_version=4)
+    for cell in nb["cells"]:
+        if cell.get("cell_type") == "code" and "parameters" in (cell.get("metadata") or {}).get("tags", []):
+            source = cell.get("source", "")
+            source = "".join(source) if isinstance(source, list) else source
             out: dict[str, str] = {}
-            for node in ast.parse(source).body:
+            try:
+                body = ast.parse(source).body
+            except SyntaxError as exc:
+                raise ValueError(f"{notebook}: its parameters cell is not valid Python (line {exc.lineno}: {exc.msg})") from None
+            for node in body:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
                 value = getattr(node, "value", None)
                 for target in targets:
