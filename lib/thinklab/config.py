@@ -33,8 +33,11 @@ class SpecError(TypeError, ValueError):
     """
 
     def __init__(self, spec: str, field_name: str, value: Any, why: str):
-        self.spec, self.field, self.value = spec, field_name, value
+        self.spec, self.field, self.value, self.why = spec, field_name, value, why
         super().__init__(f"{spec}.{field_name}={_show(value)} is not valid: {why}")
+
+    def __reduce__(self):  # crosses process boundaries (pool workers) intact
+        return type(self), (self.spec, self.field, self.value, self.why)
 
 
 def _show(value: Any) -> str:

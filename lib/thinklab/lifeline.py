@@ -6,16 +6,16 @@ set in a child, it fires however the parent ends, SIGKILL included, and it survi
 link within milliseconds. Elsewhere `die_with_parent` does nothing and returns False;
 callers then rely on their locks to keep a rerun from racing an orphan.
 
-    python -m thinklab.lifeline PARENT_PID -- CMD ARGS...
-
-runs CMD tied to PARENT_PID (the pid it must still have as parent when the signal is set;
-if that parent is already gone, CMD never starts). This module knows nothing else.
+`tied_command(cmd)` wraps a command so that the process it becomes is tied to this one:
+a few lines of Python (run with `-I`, so they need neither thinklab nor the caller's
+environment) arm the signal, check that the parent still lives, and `exec` the command in
+the same process. This module knows nothing else.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import signal
 import sys
@@ -23,12 +23,13 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
+@functools.lru_cache(maxsize=1)
 def _prctl():
+    """libc's prctl on Linux (the symbols already loaded into this process), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 
@@ -49,19 +50,18 @@ def die_with_parent(parent_pid: int | None = None) -> bool:
     return True
 
 
+# argv: PARENT_PID CMD [ARGS...]; the signal is armed in this process, which then becomes CMD
+_TRAMPOLINE = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(%d, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n" % PR_SET_PDEATHSIG
+)
+
+
 def tied_command(cmd: list[str], parent_pid: int | None = None) -> list[str]:
     """`cmd` wrapped so that the process it becomes dies with `parent_pid` (default: this process)."""
     if _prctl() is None:
         return list(cmd)
-    return [sys.executable, "-m", "thinklab.lifeline", str(parent_pid or os.getpid()), "--", *cmd]
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) < 3 or argv[1] != "--":
-        sys.exit("usage: python -m thinklab.lifeline PARENT_PID -- CMD [ARGS...]")
-    die_with_parent(int(argv[0]))
-    os.execvp(argv[2], argv[2:])  # same pid, so the signal stays armed for the program it becomes
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return [sys.executable, "-I", "-c", _TRAMPOLINE, str(parent_pid or os.getpid()), *cmd]
