@@ -279,14 +279,27 @@ def test_specs_accept_ints_for_floats_and_share_one_run_id():
 
 
 def test_every_annotated_field_is_checked():
-    """A field added to any spec later is covered: each field refuses a value of a foreign type."""
+    """A spec or field added later is covered: every field of every spec refuses a value of a foreign type."""
     import dataclasses
-    import typing
 
-    for cls in (ModelSpec, SamplingSpec, BudgetSpec, PromptSpec, RunSpec):
+    from thinklab import config
+
+    specs = [obj for obj in vars(config).values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)]
+    assert {ModelSpec, SamplingSpec, BudgetSpec, PromptSpec, RunSpec} <= set(specs)
+    for cls in specs:
         for f in dataclasses.fields(cls):
-            foreign = object()
             with pytest.raises(SpecError, match=rf"{cls.__name__}\.{f.name}="):
-                cls(**{f.name: foreign})
-            assert typing.get_type_hints(cls)[f.name] is not None
+                cls(**{f.name: object()})
+
+
+def test_the_lock_holder_removes_a_killed_writers_temporary_files(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.write_meta({"run_id": "r", "spec": {}})
+    part = store.write_part(0, rows_to_frame([_row(0, "r")]))
+    leftovers = [store.dir / ".part-00001.parquet.tmp-4242", store.dir / ".run.json.tmp-4242"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    with store.lock():
+        assert not any(p.exists() for p in leftovers)
+    assert part.is_file() and store.meta_path.is_file() and store.load().height == 1
 

@@ -128,6 +128,7 @@ def _coerce(tp: Any, value: Any) -> Any:
         return tuple(_coerce(t, v) for t, v in zip(items, value)) if args else tuple(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
+            check_fields(value)  # again, for a spec whose own __post_init__ does not
             return value
         if isinstance(value, dict):
             return from_mapping(tp, value)
