@@ -57,6 +57,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -186,10 +187,9 @@ def extract_answer(text: str, choices: bool = False, rg: bool = False, numeric_g
     hashes = _HASHES.findall(text)
     if hashes and hashes[-1].strip():
         return _clean_phrase(hashes[-1]), "####"
-    said = None
-    for said in _ANSWER_IS.finditer(text):
-        pass
-    if said is not None:
+    last = deque(_ANSWER_IS.finditer(text), maxlen=1)  # the last marker, in O(1) memory
+    if last:
+        said = last[0]
         end = text.find("\n", said.end())
         phrase = _clean_phrase(text[said.end() : end if end >= 0 else len(text)][:MAX_PHRASE_CHARS])
         if phrase:

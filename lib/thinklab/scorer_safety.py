@@ -165,8 +165,11 @@ def _resolve(expr: ast.AST, func: Callable, owner: type | None) -> tuple[Any, bo
     else:
         scope = dict(vars(builtins))
         scope.update(getattr(func, "__globals__", {}))
-        if func.__closure__:
-            scope.update(zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__ if _cell_ok(c))))
+        for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
+            try:
+                scope[name] = cell.cell_contents
+            except ValueError:  # an empty cell
+                pass
         if head not in scope:
             return None
         obj, on_instance = scope[head], False
@@ -184,14 +187,6 @@ def _resolve(expr: ast.AST, func: Callable, owner: type | None) -> tuple[Any, bo
             obj = _unwrap_member(obj)
             on_instance = False
     return obj, on_instance
-
-
-def _cell_ok(cell) -> bool:
-    try:
-        cell.cell_contents
-        return True
-    except ValueError:
-        return False
 
 
 def _unwrap_member(member: Any) -> Any:
