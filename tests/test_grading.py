@@ -310,6 +310,8 @@ def test_grading_spec_is_part_of_the_run_id_and_old_specs_still_load():
     assert RunSpec.from_dict(old) == spec
     args = build_parser().parse_args(["generate", "--lenient-truncated", "true"])
     assert spec_from_args(args).grading.lenient_truncated is True
+    with pytest.raises(ValueError, match="lenient_truncated='yes'"):
+        GradingSpec(lenient_truncated="yes")
 
 
 # --------------------------------------------------------------------------- regrade

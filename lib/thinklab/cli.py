@@ -104,9 +104,9 @@ def cmd_regrade(args) -> int:
     from thinklab.store import RunStore, now_iso
 
     store = RunStore(args.run_dir)
+    # the run's own rules: its grading options and think tags (None = the defaults the runner used)
     spec = store.read_meta().get("spec") or {}
     budget = spec.get("budget") or {}
-    # the run's own rules: its grading options and think tags (None = the defaults the runner used)
     before = store.load()
     after = grading.regrade_table(
         before,

@@ -116,6 +116,10 @@ class GradingSpec:
     # False: it is incorrect (extractor "none_truncated").
     lenient_truncated: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.lenient_truncated, bool):
+            raise ValueError(f"lenient_truncated={self.lenient_truncated!r} is not valid; use True or False")
+
 
 @dataclass(frozen=True)
 class RunSpec:
