@@ -8,11 +8,12 @@ import dataclasses
 import sys
 import typing
 
-from thinklab.config import BudgetSpec, ModelSpec, PromptSpec, RunSpec, SamplingSpec
+from thinklab.config import BudgetSpec, GradingSpec, ModelSpec, PromptSpec, RunSpec, SamplingSpec
 
 # spec field -> flag name where the field's own name would be unclear on a command line
 _FLAG_NAMES = {("model", "name"): "model", ("sampling", "n"): "n-samples"}
-_SECTIONS = {"model": ModelSpec, "sampling": SamplingSpec, "budget": BudgetSpec, "prompt": PromptSpec}
+_SECTIONS = {"model": ModelSpec, "sampling": SamplingSpec, "budget": BudgetSpec, "prompt": PromptSpec,
+             "grading": GradingSpec}
 
 
 def _parse_optional(kind):
@@ -103,9 +104,16 @@ def cmd_regrade(args) -> int:
     from thinklab.store import RunStore, now_iso
 
     store = RunStore(args.run_dir)
-    store.read_meta()
+    # the run's own rules: its grading options and think tags (None = the defaults the runner used)
+    spec = store.read_meta().get("spec") or {}
+    budget = spec.get("budget") or {}
     before = store.load()
-    after = grading.regrade_table(before)
+    after = grading.regrade_table(
+        before,
+        lenient_truncated=bool((spec.get("grading") or {}).get("lenient_truncated", False)),
+        think_start=budget.get("think_start") or grading.THINK_START,
+        think_end=budget.get("think_end") or grading.THINK_END,
+    )
     store.replace_parts(after)
     store.update_meta(grader_version=grading.GRADER_VERSION, regraded=now_iso())
     changed = int((before["correct"] != after["correct"]).sum()) if len(before) else 0

@@ -108,6 +108,20 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class GradingSpec:
+    """Grading options that change the rows (so they are part of the run id)."""
+
+    # True: a sample cut at max_tokens without a final answer is still graded through the
+    # fallbacks (last number, last line, a choice letter), as lm-eval's flexible-extract does.
+    # False: it is incorrect (extractor "none_truncated").
+    lenient_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lenient_truncated, bool):
+            raise ValueError(f"lenient_truncated={self.lenient_truncated!r} is not valid; use True or False")
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One condition: one model, one task subset, one sampling setting, one budget."""
 
@@ -118,6 +132,7 @@ class RunSpec:
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     prompt: PromptSpec = field(default_factory=PromptSpec)
+    grading: GradingSpec = field(default_factory=GradingSpec)
 
     def __post_init__(self) -> None:
         if self.n_problems < 1:
@@ -139,6 +154,7 @@ class RunSpec:
             sampling=SamplingSpec(**d.get("sampling", {})),
             budget=BudgetSpec(**budget),
             prompt=PromptSpec(**d.get("prompt", {})),
+            grading=GradingSpec(**d.get("grading", {})),  # absent from specs written before grader 2
         )
 
     @property
