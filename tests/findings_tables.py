@@ -201,7 +201,8 @@ def budget_tables(effect: int, n_problems: int = 50, n: int = 4, seed: int = 0) 
     return out
 
 
-def random_table(problem_ids: list[int], n: int, rng: np.random.Generator, task: str = TASK, **condition) -> pl.DataFrame:
+def random_table(problem_ids: list[int], n: int, rng: np.random.Generator, task: str = TASK,
+                 **condition) -> pl.DataFrame:
     """Plausible rows without any built-in effect, for the report test."""
     rows = []
     for p in problem_ids:

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rerun sets that already succeeded")
     b.set_defaults(func=cmd_batch)
 
-    f = sub.add_parser("findings", help="write FINDINGS.md from the stored runs of the findings sweep (--generate runs it)")
+    f = sub.add_parser("findings",
+                       help="write FINDINGS.md from the stored runs of the findings sweep (--generate runs it)")
     f.add_argument("--generate", action="store_true",
                    help="first run (or resume) every run of the plan, then write the report")
     f.add_argument("--preset", default="full", help="full (the issue's scale, the default) or smoke (minutes)")

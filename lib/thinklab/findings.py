@@ -124,6 +124,12 @@ class FindingsPlan:
     def moe_runs(self, task: str) -> dict[int, RunSpec]:
         return {k: self._spec(task, model=self.moe_model, moe_top_k=k) for k in sorted(set(self.top_k_values))}
 
+    def summary(self) -> str:
+        """How many runs and samples the plan asks for."""
+        specs = self.specs()
+        samples = sum(s.n_problems * s.sampling.n for s in specs)
+        return f"{len(specs)} runs, {samples} samples at up to {self.max_tokens} tokens each"
+
     def specs(self) -> list[RunSpec]:
         """Every run, each once, the dense model's first (one model load), the base runs leading."""
         ordered: dict[str, RunSpec] = {}
@@ -188,6 +194,8 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
 
     _check_formats(plan)
     specs = plan.specs()
+    if progress:
+        print(f"[findings] {plan.summary()}; a killed sweep resumes where it stopped", file=sys.stderr)
     out = []
     for i, spec in enumerate(specs):
         if progress:
@@ -244,7 +252,8 @@ class Store:
     def frames(self, specs: dict, label: str) -> tuple[dict, list[str]]:
         """The frames of `specs` (knob -> spec) if all are usable, else ({}, what is missing)."""
         runs = {knob: self.get(spec) for knob, spec in specs.items()}
-        missing = [f"{label}, {_describe(r.spec)}: {r.problem} ({r.spec.run_id})" for r in runs.values() if not r.usable]
+        missing = [f"{label}, {_describe(r.spec)}: {r.problem} ({r.spec.run_id})"
+                   for r in runs.values() if not r.usable]
         return ({} if missing else {knob: r.frame for knob, r in runs.items()}), missing
 
 
@@ -307,12 +316,23 @@ def _error_bars(frame: pl.DataFrame, y: str) -> dict:
     return dict(error_y=(frame["ci_high"] - frame[y]).to_list(), error_y_minus=(frame[y] - frame["ci_low"]).to_list())
 
 
+FIGURE_TITLES = {
+    "a": "accuracy of the sample kept, by rule",
+    "b": "length of correct and incorrect samples",
+    "c": "mean token entropy by phase",
+    "d": "pass@k and maj@k, single temperatures and pooled",
+    "e": "accuracy delta vs baseline by level",
+    "f": "accuracy vs active experts",
+    "g": "accuracy vs thinking budget",
+}
+
+
 def _figure(finding: F.Finding):
     """One plotly figure per finding from its tables (None when it has none)."""
     import plotly.express as px
 
     t = finding.tables
-    title = f"({finding.key}) {finding.claim}"
+    title = f"({finding.key}) {FIGURE_TITLES[finding.key]} ({finding.source})"
     if finding.key == "a" and "selection" in t:
         frame = t["selection"]
         fig = px.bar(frame, x="method", y="accuracy", **_error_bars(frame, "accuracy"))
@@ -353,7 +373,7 @@ def _figure(finding: F.Finding):
         fig.update_layout(xaxis_title="thinking budget (tokens)", yaxis_title="accuracy (95% CI)")
     else:
         return None
-    fig.update_layout(title=title)
+    fig.update_layout(title=dict(text=title, font=dict(size=15)))
     return fig
 
 
@@ -396,7 +416,8 @@ def _cell(text: str) -> str:
 
 def _stat_row(stat: F.Statistic, label: str | None = None) -> str:
     return "| " + " | ".join(_cell(c) for c in (
-        label or stat.name, _fmt(stat.estimate, stat.unit) + (f" {stat.unit}" if stat.unit and stat.estimate is not None else ""),
+        label or stat.name,
+        _fmt(stat.estimate, stat.unit) + (f" {stat.unit}" if stat.unit and stat.estimate is not None else ""),
         _ci(stat), str(stat.n_problems), str(stat.n_samples), _share(stat.truncated_share),
         stat.verdict or "(context)", stat.note)) + " |"
 
@@ -442,6 +463,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
     frames = [r.frame for r in used]
     n_samples = sum(f.height for f in frames)
     truncated = (sum(int((f["finish_reason"] == "length").sum()) for f in frames) / n_samples) if n_samples else None
+    grid = sorted(set(plan.temperatures) | {plan.temperature})
     lines = [
         "# Findings: the seed papers' claims, measured",
         "",
@@ -453,21 +475,25 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
            "k of the dense model's neuron groups." if plan.moe_model in MOEFIED else "."),
         f"- **Tasks**: {', '.join(f'`{t}`' for t in plan.tasks)} ({plan.n_problems} problems each); "
         f"(f) on {', '.join(f'`{t}`' for t in plan.moe_tasks)}.",
-        f"- **Sampling**: temperature {plan.temperature:g} (grid {', '.join(f'{t:g}' for t in sorted(set(plan.temperatures) | {plan.temperature}))} for (d)), "
+        f"- **Sampling**: temperature {plan.temperature:g} (grid {', '.join(f'{t:g}' for t in grid)} for (d)), "
         f"{plan.temperature_samples} samples per problem in the base and temperature runs, {plan.n_samples} in the "
         f"budget, quantization and MoE runs; max_tokens {plan.max_tokens}; thinking budgets "
         f"{', '.join(_budget(b) for b in plan.budgets)}; formats {plan.int8_format}, {plan.four_bit_format}; "
         f"top-k {', '.join(map(str, sorted(set(plan.top_k_values))))}; backend {plan.backend}; seed {plan.seed}.",
         f"- **Runs**: {len(used)} of {len(store.runs)} complete, {n_samples} samples, "
         f"{_share(truncated)} cut off at max_tokens.",
+        *(["- **More than 10% of the samples were cut off at max_tokens**: their lengths and answers are "
+            "censored; raise --max-tokens."] if truncated is not None and truncated >= 0.10 else []),
         f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json): {_duration(seconds)}.",
         f"- **Commit** that generated the runs: {', '.join(f'`{c}`' for c in commits) or '-'}; "
         f"of this report: `{_report_commit()}`.",
-        f"- **Intervals**: 95% percentile bootstrap over problems, paired where the comparison is paired; "
+        "- **Intervals**: 95% percentile bootstrap over problems, paired where the comparison is paired (where the "
+        "best of m temperatures or budgets is chosen on the same data, Bonferroni-widened to 1 - 0.05/m); "
         "**verdict** computed by code: *holds* (interval excludes 0 in the claim's direction), *reversed* "
         "(excludes 0 the other way), *not resolved* (contains 0), *no data* (runs missing).",
         "",
-        "| | finding | source | statistic | estimate | 95% CI | problems | samples | truncated | verdict | other parts | figure |",
+        "| | finding | source | statistic | estimate | 95% CI | problems | samples | truncated | verdict "
+        "| other parts | figure |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, f in findings.items():
@@ -502,8 +528,9 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
                                                  for p in figures[key])]
         if f.notes:
             lines += [""] + [f"- {n}" for n in f.notes]
-    lines += ["", "## Runs", "", "| run | spec | problems | samples | truncated | generate_seconds | commit | status |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "",
+              "| run | spec | problems | samples | truncated | generate_seconds | forward | commit | status |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in store.runs.values():
         meta = r.meta or {}
         frame = r.frame
@@ -512,7 +539,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
             frame["problem_id"].n_unique() if frame is not None else "-",
             frame.height if frame is not None else "-",
             _share(float((frame["finish_reason"] == "length").mean())) if frame is not None and frame.height else "-",
-            meta.get("generate_seconds", "-"), meta.get("git_commit", "-"),
+            meta.get("generate_seconds", "-"), (meta.get("backend") or {}).get("forward", "-"),
+            meta.get("git_commit", "-"),
             "complete" if r.usable else r.problem)) + " |")
     return "\n".join(lines) + "\n"
 

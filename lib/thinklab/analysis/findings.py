@@ -5,21 +5,28 @@ runner stores them; several tasks may be stacked, told apart by `problem_id`) an
 a `Finding`: a primary `Statistic`, the other parts of the claim as further statistics,
 the primary statistic per task, and the tables behind the figures.
 
-| | claim | primary statistic (direction the claim predicts) |
-|---|---|---|
-| a | the shortest of n samples is right more often than a random one | P(shortest correct) - P(random correct), per problem (> 0) |
-| b | correct samples are shorter than incorrect ones | mean length incorrect - correct, within problems with both (> 0) |
-| c | thinking-phase entropy is higher than answer-phase entropy, and correlates with length | thinking - answer mean token entropy, per sample (> 0) |
-| d | sampling over several temperatures solves more, and votes better, than the best single one | pooled pass@k - best single-temperature pass@k, equal budget k (> 0) |
-| e | int8 costs about nothing, 4-bit costs more, and more on harder levels | accuracy 4-bit - baseline, paired per sample (< 0) |
-| f | fewer active experts give lower accuracy | accuracy at the smallest k - at the full k, paired per sample (< 0) |
-| g | accuracy peaks at an intermediate thinking budget (overthinking) | best accuracy below the largest budget - accuracy at the largest (> 0) |
+- (a) the shortest of n samples is right more often than a random one: per problem,
+  P(shortest correct) - P(random correct); the claim predicts > 0.
+- (b) correct samples are shorter than incorrect ones: mean length of incorrect minus
+  correct samples, within problems that have both; > 0.
+- (c) thinking-phase entropy is above answer-phase entropy, and correlates with length:
+  thinking minus answer mean token entropy, per sample; > 0.
+- (d) sampling over several temperatures solves more, and votes better, than the best
+  single one: pooled pass@k minus the best single temperature's, equal budget k; > 0.
+- (e) int8 costs about nothing, 4-bit costs more, and more on harder levels: accuracy
+  4-bit minus baseline, paired per sample; < 0.
+- (f) fewer active experts give lower accuracy: accuracy at the smallest top-k minus at
+  the full top-k, paired per sample; < 0.
+- (g) accuracy peaks at an intermediate thinking budget: accuracy at the best budget
+  below the largest minus at the largest; > 0.
 
 Intervals are percentile bootstraps that resample problems (the samples of a problem are
 correlated), through `thinklab.metrics`: `bootstrap_ci` for means, `paired_bootstrap` for
 paired deltas joined on (problem_id, sample_idx, seed), and `bootstrap_replicates` where
-the statistic is a function of several means (a maximum over conditions, a correlation, a
-difference of two levels' deltas). The verdict is computed, never written: see `verdict`.
+the statistic is a function of several means (a correlation, a difference of two levels'
+deltas, where the budget curve peaks). Where the best of m conditions is chosen on the
+same data ((d), (g)), its interval is Bonferroni-widened to level 1 - 0.05/m. The verdict
+is computed, never written: see `verdict`.
 
 Nothing here reads files, generates or draws.
 """
@@ -196,7 +203,8 @@ def _paired_statistic(template: Statistic, a: pl.DataFrame, b: pl.DataFrame, n_b
     keys = list(PAIR_ON)
     pairs = a.select(keys).join(b.select(keys), on=keys)
     if pairs.height == 0:
-        return _replace(template, note="no sample of one condition has a partner (same problem, index, seed) in the other")
+        return _replace(template,
+                        note="no sample of one condition has a partner (same problem, index, seed) in the other")
     r = metrics.paired_bootstrap(a, b, "correct", on=PAIR_ON, n_boot=n_boot, level=LEVEL, seed=seed).row(0, named=True)
     used_a, used_b = a.join(pairs, on=keys), b.join(pairs, on=keys)
     n_problems, n_samples, truncated = _rows(used_a, used_b)
