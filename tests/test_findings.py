@@ -110,6 +110,13 @@ def test_verdict_rule():
         F.verdict(-0.1, 0.1, 2)
 
 
+def test_too_few_problems_resolve_nothing():
+    few = F.finding_a(T.shortest_table(1, n_problems=F.MIN_PROBLEMS - 1), n_boot=N_BOOT).primary
+    assert few.ci_low > 0 and few.verdict == "not resolved" and "fewer than" in few.remarks
+    enough = F.finding_a(T.shortest_table(1, n_problems=F.MIN_PROBLEMS), n_boot=N_BOOT).primary
+    assert enough.verdict == "holds" and "fewer than" not in enough.remarks
+
+
 def test_by_task_breakdown():
     a1 = T.shortest_table(1)
     a2 = T.shortest_table(-1).with_columns(task=np.array(["other"] * T.shortest_table(-1).height),

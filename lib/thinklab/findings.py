@@ -87,6 +87,8 @@ class FindingsPlan:
             raise ValueError(f"temperatures={self.temperatures} is not valid; (d) needs at least two temperatures")
         if len(set(self.budgets)) < 2 or any(b is not None and b < 1 for b in self.budgets):
             raise ValueError(f"budgets={self.budgets} is not valid; give at least two budgets, positive ints or None")
+        if self.int8_format == self.four_bit_format:
+            raise ValueError(f"int8_format and four_bit_format are both {self.int8_format!r}; give two formats")
         if len(set(self.top_k_values)) < 2 or any(k < 1 for k in self.top_k_values):
             raise ValueError(f"top_k_values={self.top_k_values} is not valid; give at least two positive ints")
 
@@ -239,9 +241,15 @@ class Store:
         if not store.meta_path.is_file():
             run.problem = "not generated"
         else:
-            run.meta = store.read_meta()
-            if run.meta.get("spec") != json.loads(json.dumps(spec.to_dict())):
-                run.problem = "its run.json holds another spec"
+            try:
+                run.meta = store.read_meta()
+            except (OSError, ValueError) as exc:
+                run.meta = {}
+                run.problem = f"unreadable run.json ({exc})"
+            if run.problem:
+                pass
+            elif run.meta.get("run_id") != spec.run_id:
+                run.problem = f"its run.json names another run ({run.meta.get('run_id')})"
             elif run.meta.get("status") != "complete":
                 run.problem = f"incomplete ({len(store.done_chunks())} parts written)"
             else:
@@ -419,7 +427,7 @@ def _stat_row(stat: F.Statistic, label: str | None = None) -> str:
         label or stat.name,
         _fmt(stat.estimate, stat.unit) + (f" {stat.unit}" if stat.unit and stat.estimate is not None else ""),
         _ci(stat), str(stat.n_problems), str(stat.n_samples), _share(stat.truncated_share),
-        stat.verdict or "(context)", stat.note)) + " |"
+        stat.verdict or "(context)", stat.remarks)) + " |"
 
 
 STAT_HEADER = ("| statistic | estimate | 95% CI | problems | samples | truncated | verdict | note |\n"
@@ -490,7 +498,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         "- **Intervals**: 95% percentile bootstrap over problems, paired where the comparison is paired (where the "
         "best of m temperatures or budgets is chosen on the same data, Bonferroni-widened to 1 - 0.05/m); "
         "**verdict** computed by code: *holds* (interval excludes 0 in the claim's direction), *reversed* "
-        "(excludes 0 the other way), *not resolved* (contains 0), *no data* (runs missing).",
+        "(excludes 0 the other way), *not resolved* (contains 0, or fewer than 10 problems), *no data* (runs missing).",
         "",
         "| | finding | source | statistic | estimate | 95% CI | problems | samples | truncated | verdict "
         "| other parts | figure |",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 
 import numpy as np
 import polars as pl
@@ -65,6 +66,8 @@ PAIR_ON = ("problem_id", "sample_idx", "seed")
 LEVEL = 0.95
 # (e) "int8 costs about nothing": holds when the whole interval lies within this band.
 INT8_MARGIN = 0.03
+# A bootstrap over fewer problems than this says little about its own spread: no verdict but "not resolved".
+MIN_PROBLEMS = 10
 
 
 def verdict(low: float | None, high: float | None, direction: int | None, margin: float | None = None) -> str:
@@ -118,7 +121,18 @@ class Statistic:
 
     @property
     def verdict(self) -> str:
-        return verdict(self.ci_low, self.ci_high, self.direction, self.margin)
+        found = verdict(self.ci_low, self.ci_high, self.direction, self.margin)
+        if found in ("holds", "reversed") and self.n_problems < MIN_PROBLEMS:
+            return "not resolved"
+        return found
+
+    @property
+    def remarks(self) -> str:
+        """The note, and why a verdict was withheld."""
+        few = (f"only {self.n_problems} problems (fewer than {MIN_PROBLEMS}): not resolved whatever the interval"
+               if 0 < self.n_problems < MIN_PROBLEMS and self.ci_low is not None and self.direction is not None
+               else "")
+        return "; ".join(x for x in (self.note, few) if x)
 
 
 @dataclass
@@ -245,10 +259,6 @@ def _against_best(template: Statistic, reference: np.ndarray, candidates: np.nda
     extra = f"best: {labels[best]}" + (f"; interval at {adjusted.level:.2%}, Bonferroni over {m} candidates"
                                        if m > 1 else "")
     return _replace(stat, note="; ".join(x for x in (stat.note, extra) if x))
-
-
-def _replace(stat: Statistic, **changes) -> Statistic:
-    return Statistic(**{**stat.__dict__, **changes})
 
 
 def _by_task(frames: list[pl.DataFrame | None], compute: Callable[..., Statistic]) -> dict[str, Statistic]:
