@@ -146,7 +146,7 @@ def cmd_findings(args) -> int:
     plan = findings.plan_from_options(args.preset, **changes)
     if args.generate:
         findings.generate(plan, runs_root=args.runs, progress=not args.quiet)
-    command = "thinklab " + " ".join(args.argv)
+    command = " ".join(["thinklab", *getattr(args, "argv", ["findings"])])
     path = findings.write_report(plan, runs_root=args.runs, out=args.out, figures_dir=args.figures,
                                  n_boot=args.n_boot, command=command)
     print(path)
@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write FINDINGS.md from the stored runs of the findings sweep (--generate runs it)")
     f.add_argument("--generate", action="store_true",
                    help="first run (or resume) every run of the plan, then write the report")
-    f.add_argument("--preset", default="full", help="full (the issue's scale, the default) or smoke (minutes)")
+    f.add_argument("--preset", default="full", choices=["full", "smoke"],
+                   help="full (the issue's scale, the default) or smoke (minutes)")
     f.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
-    f.add_argument("--out", default="FINDINGS.md", help="the report (default: FINDINGS.md)")
+    f.add_argument("--out", default=None, help="the report (default: FINDINGS.md at the project root)")
     f.add_argument("--figures", default=None, help="where figures go (default: figures/findings)")
     f.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
     f.add_argument("--quiet", action="store_true", help="no progress bars while generating")

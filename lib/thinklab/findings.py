@@ -492,7 +492,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         f"{_share(truncated)} cut off at max_tokens.",
         *(["- **More than 10% of the samples were cut off at max_tokens**: their lengths and answers are "
             "censored; raise --max-tokens."] if truncated is not None and truncated >= 0.10 else []),
-        f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json): {_duration(seconds)}.",
+        f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json; a run resumed across sittings "
+        f"counts its last sitting): {_duration(seconds)}.",
         f"- **Commit** that generated the runs: {', '.join(f'`{c}`' for c in commits) or '-'}; "
         f"of this report: `{_report_commit()}`.",
         "- **Intervals**: 95% percentile bootstrap over problems, paired where the comparison is paired (where the "
@@ -571,11 +572,11 @@ def _direction(stat: F.Statistic) -> str:
     return "above 0" if stat.direction == 1 else "below 0"
 
 
-def write_report(plan: FindingsPlan, runs_root: Path | str | None = None, out: Path | str = "FINDINGS.md",
+def write_report(plan: FindingsPlan, runs_root: Path | str | None = None, out: Path | str | None = None,
                  figures_dir: Path | str | None = None, *, n_boot: int = 2000, seed: int = 0,
                  command: str = "thinklab findings") -> Path:
     """Compute every finding from the stored runs, export the figures, write the report; return its path."""
-    out = Path(out)
+    out = Path(out) if out else paths.project_root() / "FINDINGS.md"
     figures_dir = Path(figures_dir) if figures_dir else paths.figures_dir("findings")
     findings, store = compute(plan, runs_root, n_boot=n_boot, seed=seed)
     figures, status = _export_figures(findings, figures_dir)
