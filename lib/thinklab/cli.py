@@ -130,6 +130,37 @@ def cmd_batch(args) -> int:
     return 1 if failed else 0
 
 
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per `FindingsPlan` field (lists take several values: --tasks gsm8k math500:level=1,2)."""
+    from thinklab.findings import FindingsPlan
+
+    group = p.add_argument_group("plan (each flag overrides the preset's value)")
+    for f in dataclasses.fields(FindingsPlan):
+        tp = eval(f.type, vars(typing)) if isinstance(f.type, str) else f.type
+        flag = f"--{f.name.replace('_', '-')}"
+        if typing.get_origin(tp) is tuple:
+            group.add_argument(flag, dest=f"plan.{f.name}", nargs="+", type=_field_parser(typing.get_args(tp)[0]),
+                               default=None, metavar=f.name.upper(),
+                               help=f"full preset: {' '.join(map(str, f.default))}")
+        else:
+            group.add_argument(flag, dest=f"plan.{f.name}", type=_field_parser(tp), default=None,
+                               metavar=f.name.upper(), help=f"full preset: {f.default}")
+
+
+def cmd_findings(args) -> int:
+    from thinklab import findings
+
+    changes = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("plan.")}
+    plan = findings.plan_from_options(args.preset, **changes)
+    if args.generate:
+        findings.generate(plan, runs_root=args.runs, progress=not args.quiet)
+    command = " ".join(["thinklab", *getattr(args, "argv", ["findings"])])
+    path = findings.write_report(plan, runs_root=args.runs, out=args.out, figures_dir=args.figures,
+                                 n_boot=args.n_boot, command=command)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinklab", description="Measure how language models behave at test time.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,11 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--force", action="store_true", help="rerun sets that already succeeded")
     b.set_defaults(func=cmd_batch)
+
+    f = sub.add_parser("findings",
+                       help="write FINDINGS.md from the stored runs of the findings sweep (--generate runs it)")
+    f.add_argument("--generate", action="store_true",
+                   help="first run (or resume) every run of the plan, then write the report")
+    f.add_argument("--preset", default="full", choices=["full", "smoke"],
+                   help="full (the issue's scale, the default) or smoke (minutes)")
+    f.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
+    f.add_argument("--out", default=None, help="the report (default: FINDINGS.md at the project root)")
+    f.add_argument("--figures", default=None, help="where figures go (default: figures/findings)")
+    f.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
+    f.add_argument("--quiet", action="store_true", help="no progress bars while generating")
+    _add_plan_flags(f)
+    f.set_defaults(func=cmd_findings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
