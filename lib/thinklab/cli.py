@@ -147,10 +147,17 @@ def cmd_regrade(args) -> int:
     from thinklab.store import RunStore, now_iso
 
     store = RunStore(args.run_dir)
-    store.read_meta()  # refuses a folder that is not a run before the lock could create anything
+    # the run's own rules: its grading options and think tags (None = the defaults the runner used)
+    spec = store.read_meta().get("spec") or {}  # refuses a folder that is not a run before the lock could create it
+    budget = spec.get("budget") or {}
     with store.lock():  # a generate of the same run must not write parts while they are rewritten
         before = store.load()
-        after = grading.regrade_table(before)
+        after = grading.regrade_table(
+            before,
+            lenient_truncated=bool((spec.get("grading") or {}).get("lenient_truncated", False)),
+            think_start=budget.get("think_start") or grading.THINK_START,
+            think_end=budget.get("think_end") or grading.THINK_END,
+        )
         store.replace_parts(after)
         store.update_meta(grader_version=grading.GRADER_VERSION, regraded=now_iso())
     changed = int((before["correct"] != after["correct"]).sum()) if len(before) else 0
@@ -165,6 +172,37 @@ def cmd_batch(args) -> int:
     index = batch.run_sweep(args.sweep, workers=args.workers, force=args.force)
     failed = index.filter(index["status"] != "ok").height
     return 1 if failed else 0
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per `FindingsPlan` field (lists take several values: --tasks gsm8k math500:level=1,2)."""
+    from thinklab.findings import FindingsPlan
+
+    group = p.add_argument_group("plan (each flag overrides the preset's value)")
+    for f in dataclasses.fields(FindingsPlan):
+        tp = eval(f.type, vars(typing)) if isinstance(f.type, str) else f.type
+        flag = f"--{f.name.replace('_', '-')}"
+        if typing.get_origin(tp) is tuple:
+            group.add_argument(flag, dest=f"plan.{f.name}", nargs="+", type=_field_parser(typing.get_args(tp)[0]),
+                               default=None, metavar=f.name.upper(),
+                               help=f"full preset: {' '.join(map(str, f.default))}")
+        else:
+            group.add_argument(flag, dest=f"plan.{f.name}", type=_field_parser(tp), default=None,
+                               metavar=f.name.upper(), help=f"full preset: {f.default}")
+
+
+def cmd_findings(args) -> int:
+    from thinklab import findings
+
+    changes = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("plan.")}
+    plan = findings.plan_from_options(args.preset, **changes)
+    if args.generate:
+        findings.generate(plan, runs_root=args.runs, progress=not args.quiet)
+    command = " ".join(["thinklab", *getattr(args, "argv", ["findings"])])
+    path = findings.write_report(plan, runs_root=args.runs, out=args.out, figures_dir=args.figures,
+                                 n_boot=args.n_boot, command=command)
+    print(path)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=_positive_int, default=1, help="sets run at once, each in its own process")
     b.add_argument("--force", action="store_true", help="rerun sets that already succeeded")
     b.set_defaults(func=cmd_batch)
+
+    f = sub.add_parser("findings",
+                       help="write FINDINGS.md from the stored runs of the findings sweep (--generate runs it)")
+    f.add_argument("--generate", action="store_true",
+                   help="first run (or resume) every run of the plan, then write the report")
+    f.add_argument("--preset", default="full", choices=["full", "smoke"],
+                   help="full (the issue's scale, the default) or smoke (minutes)")
+    f.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
+    f.add_argument("--out", default=None, help="the report (default: FINDINGS.md at the project root)")
+    f.add_argument("--figures", default=None, help="where figures go (default: figures/findings)")
+    f.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
+    f.add_argument("--quiet", action="store_true", help="no progress bars while generating")
+    _add_plan_flags(f)
+    f.set_defaults(func=cmd_findings)
     return parser
 
 
@@ -235,7 +287,9 @@ def _message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input ends in one line on stderr and exit code 2, never a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     debug = args.debug or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
     try:
         return args.func(args)

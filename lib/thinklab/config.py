@@ -293,6 +293,19 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class GradingSpec:
+    """Grading options that change the rows (so they are part of the run id)."""
+
+    # True: a sample cut at max_tokens without a final answer is still graded through the
+    # fallbacks (last number, last line, a choice letter), as lm-eval's flexible-extract does.
+    # False: it is incorrect (extractor "none_truncated").
+    lenient_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One condition: one model, one task subset, one sampling setting, one budget."""
 
@@ -303,6 +316,7 @@ class RunSpec:
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     prompt: PromptSpec = field(default_factory=PromptSpec)
+    grading: GradingSpec = field(default_factory=GradingSpec)
 
     def __post_init__(self) -> None:
         check_fields(self)

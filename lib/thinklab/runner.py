@@ -171,7 +171,10 @@ def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bo
         p = problems[pi]
         text, n_think = texts_out[j], n_thinks[j]
         thinking, answer = split_text(text, markers)
-        g = grading.grade(text, p.gold, p.task)
+        g = grading.grade(text, p.gold, p.task, finish_reason=tr.finish_reason,
+                          lenient_truncated=spec.grading.lenient_truncated,
+                          think_start=markers.think_start or grading.THINK_START,
+                          think_end=markers.think_end or grading.THINK_END)
         meta = p.meta
         level = meta.get("level")
         rows.append({
