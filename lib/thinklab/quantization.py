@@ -19,15 +19,15 @@ Each format comes in two forms (the `ModelSpec.quantization` values of the trans
 Methods whose effect is not a weight grid (`int8-dyn` quantizes activations at run time) or
 whose library only runs on CUDA (bitsandbytes) exist only with `:kernel`.
 
-| method       | library  | weights stored as                     | runs on     |
-|--------------|----------|---------------------------------------|-------------|
-| int8-wo      | torchao  | int8, one scale per output channel     | CPU, CUDA   |
-| int8-dyn     | torchao  | int8 weights, int8 activations per token at run time | CPU, CUDA |
-| int4-wo      | torchao  | 4-bit values (-8..7) in int8 containers, scale+zero per 32 weights | CPU, CUDA |
-| quanto-int8  | quanto   | int8, one scale per output channel     | CPU, CUDA   |
-| quanto-int4  | quanto   | 4-bit values packed two per uint8, scale+shift per 128 weights | CPU, CUDA |
-| bnb-8bit     | bitsandbytes | LLM.int8(): int8 with fp16 outlier columns | CUDA only |
-| bnb-nf4      | bitsandbytes | NF4 packed two per uint8, absmax per 64 weights | CUDA only |
+| method       | library  | weights stored as                     | forms | runs on |
+|--------------|----------|---------------------------------------|-------|---------|
+| int8-wo      | torchao  | int8, one scale per output channel     | simulated, kernel | CPU, CUDA |
+| int8-dyn     | torchao  | int8 weights, int8 activations per token at run time | kernel | CPU, CUDA |
+| int4-wo      | torchao  | 4-bit values (-8..7) in int8 containers, scale+zero per 32 weights | simulated, kernel | CPU, CUDA |
+| quanto-int8  | quanto   | int8, one scale per output channel     | simulated, kernel | CPU, CUDA |
+| quanto-int4  | quanto   | 4-bit values packed two per uint8, scale+shift per 128 weights | simulated, kernel | CPU, CUDA |
+| bnb-8bit     | bitsandbytes | LLM.int8(): int8 with fp16 outlier columns | kernel | CUDA only |
+| bnb-nf4      | bitsandbytes | NF4 packed two per uint8, absmax per 64 weights | kernel | CUDA only |
 
 `lm_head` stays in the model's float dtype (as AWQ, GPTQ and bitsandbytes do by default):
 with tied embeddings quantizing it would also keep a second, quantized copy of the
