@@ -272,7 +272,9 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_specs_accept_ints_for_floats_and_share_one_run_id():
     assert SamplingSpec(temperature=0) == SamplingSpec(temperature=0.0)
-    assert RunSpec(sampling=SamplingSpec(temperature=1)).run_id == RunSpec(sampling=SamplingSpec(temperature=1.0)).run_id
+    from thinklab.runner import run_id
+
+    assert run_id(RunSpec(sampling=SamplingSpec(temperature=1))) == run_id(RunSpec(sampling=SamplingSpec(temperature=1.0)))
     assert isinstance(SamplingSpec(temperature=1).temperature, float)
     spec = RunSpec(budget=BudgetSpec(thinking_budget=16))
     assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec  # lists come back as tuples

@@ -137,7 +137,9 @@ def test_plan_shares_runs_and_refuses_bad_values():
     assert plan.temperature_runs(task)[plan.temperature] == base  # the grid's point at the base temperature
     assert plan.budget_runs(task)[None] == base  # the uncapped budget
     assert plan.quantization_runs(task)[None] == base  # the baseline
-    ids = [s.run_id for s in plan.specs()]
+    from thinklab.runner import run_id
+
+    ids = [run_id(s) for s in plan.specs()]
     assert len(ids) == len(set(ids))
     per_task = 1 + 2 + (len(plan.budgets) - 1) + (len(set(plan.temperatures)) - 1)
     assert len(ids) == per_task * len(plan.tasks) + len(plan.top_k_values) * len(plan.moe_tasks)
@@ -158,10 +160,10 @@ def test_plan_shares_runs_and_refuses_bad_values():
 
 def _write(spec, frame, root, status="complete", seconds=2.5):
     store = RunStore(runner.run_dir(spec, root))
-    store.write_meta({"run_id": spec.run_id, "spec": spec.to_dict(), "status": status,
+    store.write_meta({"run_id": runner.run_id(spec), "spec": spec.to_dict(), "status": status,
                       "generate_seconds": seconds, "git_commit": "0123abc"})
     if status == "complete":
-        store.write_part(0, frame.with_columns(run_id=frame["run_id"].str.replace(".*", spec.run_id)))
+        store.write_part(0, frame.with_columns(run_id=frame["run_id"].str.replace(".*", runner.run_id(spec))))
 
 
 def _fill_store(plan: FindingsPlan, root, skip=()):
@@ -169,7 +171,7 @@ def _fill_store(plan: FindingsPlan, root, skip=()):
     rng = np.random.default_rng(0)
     problems = list(range(plan.n_problems))
     for spec in plan.specs():
-        if spec.run_id in skip:
+        if runner.run_id(spec) in skip:
             continue
         frame = T.random_table(problems, spec.sampling.n, rng, task=spec.task, model=spec.model.name,
                                temperature=spec.sampling.temperature, thinking_budget=spec.budget.thinking_budget,
@@ -210,11 +212,11 @@ def test_report_from_a_run_store(tmp_path):
 def test_report_with_missing_runs(tmp_path):
     plan = PRESETS["smoke"].replace(n_problems=6)
     four_bit = plan.quantization_runs(plan.tasks[0])[plan.four_bit_format]
-    _fill_store(plan, tmp_path / "runs", skip={four_bit.run_id})
+    _fill_store(plan, tmp_path / "runs", skip={runner.run_id(four_bit)})
     _write(four_bit, None, tmp_path / "runs", status="running")
     findings, store = compute(plan, tmp_path / "runs", n_boot=100)
     assert findings["e"].verdict == "no data"
-    assert "incomplete" in findings["e"].primary.note and four_bit.run_id in findings["e"].primary.note
+    assert "incomplete" in findings["e"].primary.note and runner.run_id(four_bit) in findings["e"].primary.note
     assert all(findings[k].verdict != "no data" for k in "abcdfg")
 
     empty = write_report(plan, tmp_path / "nothing", tmp_path / "EMPTY.md", tmp_path / "fig2", n_boot=100)

@@ -26,7 +26,7 @@ def _spec(lenient: bool) -> RunSpec:
 def test_truncated_samples_follow_the_runs_grading_option_and_regrade_agrees(fast_backend, tmp_path):
     strict = runner.run(_spec(False), runs_root=tmp_path, backend=fast_backend, progress=False)
     lenient = runner.run(_spec(True), runs_root=tmp_path, backend=fast_backend, progress=False)
-    assert _spec(False).run_id != _spec(True).run_id
+    assert runner.run_id(_spec(False)) != runner.run_id(_spec(True))
     assert strict["text"].to_list() == lenient["text"].to_list()  # same seeds: only the grading differs
     cut = strict["finish_reason"] == "length"
     assert cut.sum() >= 4, strict["finish_reason"].to_list()
@@ -40,8 +40,8 @@ def test_truncated_samples_follow_the_runs_grading_option_and_regrade_agrees(fas
         g = grading.grade(row["text"], row["gold"], row["task"], finish_reason=row["finish_reason"])
         assert (g.pred, g.correct, g.extractor) == (row["pred"], row["correct"], row["extractor"])
     for spec, before in ((_spec(False), strict), (_spec(True), lenient)):
-        assert main(["regrade", str(tmp_path / spec.run_id)]) == 0
-        after = RunStore(tmp_path / spec.run_id).load()
+        assert main(["regrade", str(runner.run_dir(spec, tmp_path))]) == 0
+        after = RunStore(runner.run_dir(spec, tmp_path)).load()
         cols = ["problem_id", "sample_idx", "pred", "correct", "extractor"]
         assert after.select(cols).equals(before.select(cols)), spec.grading
         assert after["grader_version"].unique().to_list() == [grading.GRADER_VERSION]

@@ -1,18 +1,19 @@
 """Typed specs: the single source of truth for notebook parameters and CLI flags.
 
-Every spec is a frozen dataclass with defaults. A run is fully described by a
-`RunSpec`; its id is a content hash of that spec (see `RunSpec.run_id`). Every spec
-checks its fields against their annotations when it is built (`check_fields`), so a
-wrong type or a non-finite number is refused with the spec, the field, the value and
-what is valid, before anything loads. This module knows nothing about models, backends
-or files.
+Every spec is a frozen dataclass with defaults. A run is described by a `RunSpec`: every
+option that changes the numbers a run stores is a field here, so notebooks, CLI flags
+(derived from these fields) and sweep files can set it, and the run id covers it. The
+id itself (`thinklab.runner.run_id`) also hashes the task data's content and the
+canonical model name, which need files. Every spec checks its fields against their
+annotations when it is built (`check_fields`), so a wrong type or a non-finite number is
+refused with the spec, the field, the value and what is valid, before anything loads.
+This module knows nothing about models, backends or files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import numbers
 import types
@@ -23,6 +24,10 @@ from typing import Any
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The decoder forward of the hf backend: "lean" = thinklab's CPU forward (backends/lean.py),
+# "transformers" = transformers' own modules, "auto" = lean where it can run, else transformers.
+FORWARDS = ("auto", "lean", "transformers")
+ENTROPY_ESTIMATORS = ("lower", "uniform")
 
 
 class SpecError(TypeError, ValueError):
@@ -201,7 +206,10 @@ class ModelSpec:
     name: str = "default"  # embedded name ("default", "smollm2-135m", "qwen2.5-0.5b"), hub id or local dir
     backend: str = "hf"  # "hf" (transformers) or "vllm"
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
-    quantization: str | None = None  # numeric format, e.g. "int8-wo"; None = baseline
+    # numeric format; None = baseline. hf backend: "int8-wo" etc. are simulated (weights quantized then
+    # dequantized, same forward as the baseline), "int8-wo:kernel" etc. run the format's own kernels
+    # (see thinklab.quantization); vLLM: its engine's method names, e.g. "fp8".
+    quantization: str | None = None
     moe_top_k: int | None = None  # active experts per token; None = the checkpoint's own
     revision: str | None = None  # hub revision
     trust_remote_code: bool = False
@@ -210,6 +218,11 @@ class ModelSpec:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # e.g. "ray"
     kv_cache_dtype: str | None = None  # vLLM only, e.g. "fp8"
+    # Options that change the stored numbers (so they are spec fields and part of the run id).
+    forward: str = "auto"  # hf backend: "auto" | "lean" | "transformers"; vLLM: "auto" only
+    entropy_top_k: int | None = 20  # vLLM only: entropy from the top-K log-probabilities; None = exact (all V)
+    entropy_estimator: str = "lower"  # vLLM only, top-K mode: tail term "lower" (bound) or "uniform"
+    enforce_eager: bool | None = None  # vLLM only: no torch.compile/CUDA graphs; None = True on CPU
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -222,6 +235,12 @@ class ModelSpec:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise _invalid(self, name, "use a positive int")
+        _check_choice(self, "forward", FORWARDS)
+        if self.backend == "vllm" and self.forward != "auto":
+            raise _invalid(self, "forward", "vLLM runs its own forward; use forward='auto' with backend='vllm'")
+        if self.entropy_top_k is not None and self.entropy_top_k < 1:
+            raise _invalid(self, "entropy_top_k", "use a positive int, or None for exact full-vocabulary entropy")
+        _check_choice(self, "entropy_estimator", ENTROPY_ESTIMATORS)
 
 
 @dataclass(frozen=True)
@@ -332,12 +351,6 @@ class RunSpec:
     def from_dict(cls, d: dict) -> "RunSpec":
         """The spec of `to_dict()` (or a JSON/YAML copy of it): nested dicts become specs, lists tuples."""
         return from_mapping(cls, d)
-
-    @property
-    def run_id(self) -> str:
-        """Content hash of the full spec (16 hex digits)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "RunSpec":
         """Copy with top-level fields or dotted sub-fields changed: replace(**{"sampling.temperature": 0.7})."""

@@ -38,6 +38,13 @@ from thinklab.analysis import findings as F
 from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
 from thinklab.store import RunStore
 
+
+def _run_id(spec: RunSpec) -> str:
+    from thinklab import runner
+
+    return runner.run_id(spec)
+
+
 __all__ = ["FindingsPlan", "PRESETS", "plan_from_options", "generate", "compute", "write_report"]
 
 FINDING_KEYS = tuple("abcdefg")
@@ -134,16 +141,16 @@ class FindingsPlan:
 
     def specs(self) -> list[RunSpec]:
         """Every run, each once, the dense model's first (one model load), the base runs leading."""
-        ordered: dict[str, RunSpec] = {}
+        ordered: dict[RunSpec, RunSpec] = {}
         for task in self.tasks:
-            ordered.setdefault(self.base(task).run_id, self.base(task))
+            ordered.setdefault(self.base(task), self.base(task))
         for task in self.tasks:
             for group in (self.quantization_runs(task), self.budget_runs(task), self.temperature_runs(task)):
                 for spec in group.values():
-                    ordered.setdefault(spec.run_id, spec)
+                    ordered.setdefault(spec, spec)
         for task in self.moe_tasks:
             for spec in self.moe_runs(task).values():
-                ordered.setdefault(spec.run_id, spec)
+                ordered.setdefault(spec, spec)
         return list(ordered.values())
 
 
@@ -201,7 +208,7 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     out = []
     for i, spec in enumerate(specs):
         if progress:
-            print(f"[findings] run {i + 1}/{len(specs)} {spec.run_id}: {_describe(spec)}", file=sys.stderr)
+            print(f"[findings] run {i + 1}/{len(specs)} {_run_id(spec)}: {_describe(spec)}", file=sys.stderr)
         runner.run(spec, runs_root=runs_root, progress=progress)
         out.append(runner.run_dir(spec, runs_root))
     return out
@@ -233,8 +240,9 @@ class Store:
     def get(self, spec: RunSpec) -> StoredRun:
         from thinklab import runner
 
-        if spec.run_id in self.runs:
-            return self.runs[spec.run_id]
+        key = _run_id(spec)
+        if key in self.runs:
+            return self.runs[key]
         directory = runner.run_dir(spec, self.root)
         run = StoredRun(spec, directory, None, None)
         store = RunStore(directory)
@@ -248,19 +256,19 @@ class Store:
                 run.problem = f"unreadable run.json ({exc})"
             if run.problem:
                 pass
-            elif run.meta.get("run_id") != spec.run_id:
+            elif run.meta.get("run_id") != key:
                 run.problem = f"its run.json names another run ({run.meta.get('run_id')})"
             elif run.meta.get("status") != "complete":
                 run.problem = f"incomplete ({len(store.done_chunks())} parts written)"
             else:
                 run.frame = store.load()
-        self.runs[spec.run_id] = run
+        self.runs[key] = run
         return run
 
     def frames(self, specs: dict, label: str) -> tuple[dict, list[str]]:
         """The frames of `specs` (knob -> spec) if all are usable, else ({}, what is missing)."""
         runs = {knob: self.get(spec) for knob, spec in specs.items()}
-        missing = [f"{label}, {_describe(r.spec)}: {r.problem} ({r.spec.run_id})"
+        missing = [f"{label}, {_describe(r.spec)}: {r.problem} ({_run_id(r.spec)})"
                    for r in runs.values() if not r.usable]
         return ({} if missing else {knob: r.frame for knob, r in runs.items()}), missing
 
@@ -544,7 +552,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         meta = r.meta or {}
         frame = r.frame
         lines.append("| " + " | ".join(_cell(str(c)) for c in (
-            f"`{r.spec.run_id}`", _describe(r.spec),
+            f"`{_run_id(r.spec)}`", _describe(r.spec),
             frame["problem_id"].n_unique() if frame is not None else "-",
             frame.height if frame is not None else "-",
             _share(float((frame["finish_reason"] == "length").mean())) if frame is not None and frame.height else "-",

@@ -22,6 +22,7 @@ This module knows nothing about models, prompts or grading; it never writes file
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -269,6 +270,31 @@ def worked_examples(task: str, k: int, exclude: str = "") -> list[tuple[str, str
     return out
 
 
+def content_digest(name: str, problems: list[Problem], few_shot: int = 0) -> dict:
+    """What a run id needs to know about the task's data beyond its name, size and seed.
+
+    File-backed tasks (benchmarks, jsonl, hub copies): a sha256 of the loaded subset (ids,
+    questions, golds, and the metadata rows keep), plus the worked examples a few-shot
+    prompt takes from the pool, so editing the file changes the id. Procedural (rg:) tasks
+    are a function of name, seed and the generator's code: the reasoning-gym version.
+    """
+    parsed = parse_task_name(name)
+    if parsed.family == "rg":
+        import importlib.metadata
+
+        return {"kind": "procedural", "reasoning_gym": importlib.metadata.version("reasoning-gym")}
+    digest = hashlib.sha256()
+    for p in problems:
+        meta = {k: v for k, v in p.metadata if k not in ("source", "line")}  # where the file lies is not its content
+        digest.update(json.dumps([p.problem_id, p.question, p.gold, meta], sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    if few_shot > 0:
+        for question, solution in worked_examples(name, few_shot + 1):
+            digest.update(json.dumps(["few-shot", question, solution]).encode())
+            digest.update(b"\n")
+    return {"kind": "data", "sha256": digest.hexdigest()[:16], "n": len(problems)}
+
+
 # --------------------------------------------------------------------------- subsets
 
 
@@ -309,12 +335,17 @@ def _pool(parsed: TaskName) -> tuple[tuple[Problem, str], ...]:
         if path is None:
             bench = BENCHMARKS[parsed.family]
             return _build_pool(parsed, _from_hub(parsed.family, bench), f"hub:{bench.hub[0]}")
-    return _pool_from_file(parsed, str(path), path.stat().st_mtime_ns)
+    return _pool_from_file(parsed, str(path), _file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    """The caches below are keyed by content: an mtime can stay the same across a quick edit."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @lru_cache(maxsize=32)
-def _pool_from_file(parsed: TaskName, path: str, mtime_ns: int) -> tuple[tuple[Problem, str], ...]:
-    return _build_pool(parsed, _read_jsonl(path, mtime_ns), path)
+def _pool_from_file(parsed: TaskName, path: str, content_sha256: str) -> tuple[tuple[Problem, str], ...]:
+    return _build_pool(parsed, _read_jsonl(path, content_sha256), path)
 
 
 def _build_pool(parsed: TaskName, records: tuple[dict, ...], source: str) -> tuple[tuple[Problem, str], ...]:
@@ -351,7 +382,7 @@ def _resolve_user_path(path: str) -> Path:
 
 
 @lru_cache(maxsize=32)
-def _read_jsonl(path: str, mtime_ns: int) -> tuple[dict, ...]:
+def _read_jsonl(path: str, content_sha256: str) -> tuple[dict, ...]:
     """All records of a JSON-lines file, or TaskError naming the file and line (nothing partial)."""
     records = []
     with open(path, "rb") as f:

@@ -61,6 +61,13 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> BackendInfo: ...
 
+    @property
+    @abstractmethod
+    def identity(self) -> dict:
+        """What a run id cannot cover but decides the numbers, as resolved at load: `model`
+        (canonical name), `fingerprint` (of the weights), `dtype` and `forward` (which code
+        computes the logits). run.json keeps it, and a resume under a different one refuses."""
+
     @abstractmethod
     def generate(
         self,

@@ -102,7 +102,7 @@ def entropy_from_logp(logp: torch.Tensor, p: torch.Tensor | None = None) -> torc
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int = 16, fast: bool = True):
+    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int = 16):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,20 +125,35 @@ class HFBackend(Backend):
             from thinklab import quantization
 
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
-        # CPU float32 llama/qwen2 checkpoints decode through the lean forward (lean.py); other
-        # CPU float32 models keep transformers' forward with prepacked linears.
         self.lean: lean.LeanDecoder | None = None
         self.packed_linears = 0
-        if fast and self.device.type == "cpu" and not spec.quantization:
-            if lean.LeanDecoder.unsupported(self.model) is None:
-                self.lean = lean.LeanDecoder(self.model, batch_hint=max_batch_size)
-            else:
-                self.packed_linears = lean.pack_linears(self.model, batch_hint=max_batch_size)
+        self.forward_name = self._select_forward(spec.forward)
         self._native_top_k: dict | None = None
         if spec.moe_top_k is not None:
             self.set_moe_top_k(spec.moe_top_k)
         self.eos_ids = self._eos_ids()
         self.pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def _select_forward(self, requested: str) -> str:
+        """Set up the forward `requested` ("auto" | "lean" | "transformers"); return the name of
+        the one that runs: "lean-native" or "lean-onednn" (backends/lean.py with thinklab's own
+        kernels or oneDNN's), "transformers-packed" (transformers' modules, float32 CPU linears
+        prepacked for oneDNN) or "transformers" (transformers' modules as they are). The names
+        differ where the arithmetic does, so run.json can tell runs apart that round differently."""
+        if requested == "transformers":
+            return "transformers"
+        reason = lean.LeanDecoder.unsupported(self.model)
+        if reason is None:
+            self.lean = lean.LeanDecoder(self.model, batch_hint=self.max_batch_size)
+            if self.lean.native is None:
+                return "lean-onednn"
+            return "lean-native" if self.lean.native_attention else "lean-native-sdpa"
+        if requested == "lean":
+            raise ValueError(f"forward='lean' cannot run {self.resolved.name}: {reason}; "
+                             "use forward='auto' or forward='transformers'")
+        if self.device.type == "cpu" and not self.quantization_report.get("form") == "kernel":
+            self.packed_linears = lean.pack_linears(self.model, batch_hint=self.max_batch_size)
+        return "transformers-packed" if self.packed_linears else "transformers"
 
     def set_moe_top_k(self, k: int | None) -> None:
         """Route each token to k experts (None: the checkpoint's own number); refuses dense models."""
@@ -170,6 +185,11 @@ class HFBackend(Backend):
         return self._tokenizer
 
     @property
+    def identity(self) -> dict:
+        return {"model": self.resolved.name, "fingerprint": self.resolved.fingerprint,
+                "dtype": str(self.dtype).removeprefix("torch."), "forward": self.forward_name}
+
+    @property
     def info(self) -> BackendInfo:
         return BackendInfo(
             backend=self.name,
@@ -182,8 +202,10 @@ class HFBackend(Backend):
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "max_batch_size": self.max_batch_size,
-                "forward": (self.lean.describe() if self.lean is not None else
-                            "transformers" + (" with oneDNN prepacked linears" if self.packed_linears else "")),
+                "forward": self.forward_name,
+                "forward_detail": (self.lean.describe() if self.lean is not None else
+                                   "transformers' modules" + (f", {self.packed_linears} linears prepacked for oneDNN"
+                                                              if self.packed_linears else "")),
                 "rng": ("one torch.Generator per sample seeded with its seed draws one float64 uniform per token, "
                         "all up front; the token is the inverse CDF (float64 cumulative sum) of the processed distribution"),
                 **({"quantization": self.quantization_report} if self.quantization_report else {}),

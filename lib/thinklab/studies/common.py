@@ -15,7 +15,7 @@ def run_conditions(specs: Sequence[RunSpec], progress: bool = True, **run_option
     frames = []
     for i, spec in enumerate(specs):
         if progress:
-            print(f"[thinklab] condition {i + 1}/{len(specs)}: run {spec.run_id} "
+            print(f"[thinklab] condition {i + 1}/{len(specs)}: run {runner.run_id(spec)} "
                   f"({spec.model.name}, {spec.task}, T={spec.sampling.temperature}, budget={spec.budget.thinking_budget})")
         frames.append(runner.run(spec, progress=progress, **run_options))
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()

@@ -3,7 +3,11 @@
 Conditions: a baseline run (`quantization=None`: fp32 on CPU, bf16 on GPU) and one run
 per format, each the baseline spec with only `model.quantization` changed, so sample i of
 a problem has the same seed in every condition and the comparison is paired
-(`thinklab.analysis.quantization`). Every format is checked against the host before the
+(`thinklab.analysis.quantization`). Every condition runs through the same forward: the
+formats are simulated (weights quantized then dequantized, `thinklab.quantization`), so
+a flip is the format's doing and not another kernel's rounding; if any format is a real-
+kernel one (`int8-wo:kernel`), every condition, the baseline included, runs through
+transformers' modules (`model.forward="transformers"`). Every format is checked against the host before the
 first condition generates. Figures read the analysis frames; nothing here regenerates.
 """
 
@@ -37,8 +41,9 @@ def conditions(
     seed: int = 0,
 ) -> list[RunSpec]:
     """The baseline spec first, then one spec per format (only `model.quantization` differs)."""
+    forward = "transformers" if backend == "hf" and any(quantization.is_kernel(f) for f in formats) else "auto"
     base = RunSpec(
-        model=ModelSpec(name=model, backend=backend),
+        model=ModelSpec(name=model, backend=backend, forward=forward),
         task=task,
         n_problems=n_problems,
         task_seed=seed,
