@@ -47,12 +47,12 @@ def test_study_refuses_before_generating(monkeypatch):
 
     calls = []
     monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a) or pl.DataFrame())
-    specs = study.conditions(model=MODEL, formats=["int8-wo", "bnb-nf4"], n_problems=2)
+    specs = study.conditions(study.Params(model=MODEL, formats=("int8-wo", "bnb-nf4"), n_problems=2))
     with pytest.raises(quantization.QuantizationUnavailable, match="bnb-nf4"):
         study.run(specs, progress=False)
     assert calls == []
     with pytest.raises(ValueError, match="not a method"):
-        study.run(study.conditions(model=MODEL, formats=["int2"]), progress=False)
+        study.run(study.conditions(study.Params(model=MODEL, formats=("int2",))), progress=False)
     assert calls == []
 
 
