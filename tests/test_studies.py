@@ -376,8 +376,12 @@ def test_overthinking_without_uncapped_runs_draws_a_placeholder(overthinking_tab
     capped = overthinking_table.filter(pl.col("thinking_budget").is_not_null())
     f = overthinking.frames(capped, overthinking.Params(n_boot=20))
     assert f["accuracy_vs_length"].is_empty() and f["problem_lengths"].is_empty()
-    fig = overthinking.FIGURES["accuracy_vs_length"](f)
-    assert "no uncapped samples" in fig.layout.annotations[0].text
+    for name in ("accuracy_vs_length", "problem_lengths"):
+        assert "no uncapped samples" in overthinking.FIGURES[name](f).layout.annotations[0].text
+    one_length = overthinking_table.with_columns(n_thinking_tokens=pl.lit(5, pl.Int64))
+    f = overthinking.frames(one_length, overthinking.Params(n_boot=20))
+    assert f["accuracy_vs_length"].is_empty() and not f["problem_lengths"].is_empty()
+    assert "all have one thinking length" in overthinking.FIGURES["accuracy_vs_length"](f).layout.annotations[0].text
 
 
 # --------------------------------------------------------------------------- temperature frames

@@ -100,7 +100,7 @@ def _metric_vs_k(metric: str):
 
     def draw(f: dict[str, pl.DataFrame]) -> go.Figure:
         sub = f["metrics_vs_k"].filter(pl.col("variable") == metric).sort("moe_top_k")
-        title = f"{label} vs. active experts per token (95% bootstrap CI over problems)"
+        title = f"{label[0].upper()}{label[1:]} vs. active experts per token (95% bootstrap CI over problems)"
         if sub.is_empty():
             return placeholder(title, f"the table has no {metric} column", _caption(f))
         fig = px.line(sub, x="moe_top_k", y="estimate", markers=True,

@@ -118,10 +118,17 @@ def _accuracy_vs_budget(f: dict[str, pl.DataFrame]) -> go.Figure:
     return titled(fig, title, common.caption(f["summary"]))
 
 
+def _no_natural_lengths(f: dict[str, pl.DataFrame]) -> str:
+    """Why the natural-length tables are empty."""
+    if _natural(f["summary"]).height:
+        return "the uncapped samples all have one thinking length: nothing to bucket"
+    return "no uncapped samples without extensions: add None to budgets and 0 to extensions"
+
+
 def _accuracy_vs_length(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame, title = f["accuracy_vs_length"], "Accuracy vs. natural thinking length (uncapped samples, length buckets)"
     if frame.is_empty():
-        return placeholder(title, "no uncapped samples: add None to budgets", common.caption(f["summary"]))
+        return placeholder(title, _no_natural_lengths(f), common.caption(f["summary"]))
     fig = px.line(frame, x="mean_length", y="accuracy", color="task", markers=True,
                   hover_data=["n", "length_low", "length_high"], **_error_bars(frame))
     fig.update_layout(xaxis_title="thinking tokens (bucket mean)", yaxis_title="accuracy", yaxis_range=[0, 1])
@@ -169,7 +176,7 @@ def _problem_lengths(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = f["problem_lengths"]
     title = "Per-problem length over its samples (CASTILLO): median with p10–p90, uncapped runs"
     if frame.is_empty():
-        return placeholder(title, "no uncapped samples: add None to budgets", common.caption(f["summary"]))
+        return placeholder(title, _no_natural_lengths(f), common.caption(f["summary"]))
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=frame["rank"].to_list(), y=frame["p50"].to_list(), mode="markers", name="median",
                              error_y=dict(type="data", symmetric=False,
