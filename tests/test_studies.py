@@ -648,3 +648,23 @@ def test_explore_filters(quantization_table):
     assert rows.height == quantization_table.filter(
         pl.col("quantization").is_null() | (pl.col("quantization") == "int8-wo")).filter(pl.col("level") == 2).height
     assert filter_samples(quantization_table, {"level": []}).height == 0
+
+
+def test_run_records_read_what_each_run_recorded(tmp_path):
+    from thinklab import runner
+    from thinklab.store import RunStore
+
+    base, quantized = _spec(), _spec(quantization="int8-wo")
+    report = {"share_low_precision_blocks": 1.0, "bits_per_block_weight": 8.1,
+              "memory_bytes_before": 540_000_000, "memory_bytes_after": 200_000_000}
+    RunStore(runner.run_dir(quantized, tmp_path)).write_meta(
+        {"status": "complete", "entropy_mode": "exact", "generate_seconds": 12.5,
+         "backend": {"name": "hf", "forward": "transformers", "quantization": report}})
+    records = common.run_records([base, quantized], runs_root=tmp_path)
+    assert records["run_id"].to_list() == [runner.run_dir(s, tmp_path).name for s in (base, quantized)]
+    assert records["quantization"].to_list() == ["None", "int8-wo"]  # the knob that varies
+    first, second = records.to_dicts()
+    assert first["status"] == "not run" and first["forward"] is None and first["memory_mb_after"] is None
+    assert (second["status"], second["forward"], second["entropy_mode"], second["generate_seconds"]) == (
+        "complete", "transformers", "exact", 12.5)
+    assert (second["bits_per_block_weight"], second["memory_mb_before"], second["memory_mb_after"]) == (8.1, 540.0, 200.0)

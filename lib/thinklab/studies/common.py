@@ -272,7 +272,7 @@ def run_conditions(specs: Sequence[RunSpec], progress: bool = True, runs_root: P
     for i, spec in enumerate(specs):
         if progress:
             setting = ", ".join(f"{k}={_knob(spec, k)}" for k in knobs)
-            print(f"[thinklab] condition {i + 1}/{len(specs)}: {setting} (run {spec.run_id})")
+            print(f"[thinklab] condition {i + 1}/{len(specs)}: {setting} ({runner.run_dir(spec, runs_root)})")
         frames.append(runner.run(spec, runs_root=runs_root, progress=progress))
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
@@ -288,12 +288,12 @@ def run_records(specs: Sequence[RunSpec], runs_root: Path | str | None = None) -
     knobs = varying_knobs(specs)
     rows = []
     for spec in specs:
-        store = RunStore(runner.run_dir(spec, runs_root))
+        store = RunStore(runner.run_dir(spec, runs_root))  # the run's id names its directory
         meta = store.read_meta() if store.meta_path.is_file() else {}
         backend = meta.get("backend") or {}
         report = backend.get("quantization") or {}
         rows.append({
-            "run_id": spec.run_id,
+            "run_id": store.dir.name,
             **{k: str(_knob(spec, k)) for k in knobs},
             "status": meta.get("status", "not run"),
             "forward": backend.get("forward"),
