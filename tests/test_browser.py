@@ -36,12 +36,13 @@ RUN_TIMEOUT_S = float(os.environ.get("THINKLAB_BROWSER_TIMEOUT", 900))  # per no
 # Tiny sizes per notebook; a notebook not listed gets GENERIC, filtered to the names it has.
 TINY = {
     "01_overthinking.ipynb": {"n_problems": 1, "n_samples": 2, "budgets": [8, None], "max_tokens": 16,
-                              "answer_budget": 8, "formats": ["html"]},
+                              "answer_budget": 8, "n_boot": 50, "figure_formats": ["html"]},
     "02_temperature.ipynb": {"n_problems": 1, "n_samples": 2, "temperatures": [0.0, 1.0], "ks": [1, 2],
-                             "max_tokens": 16, "formats": ["html"]},
+                             "max_tokens": 16, "n_boot": 50, "figure_formats": ["html"]},
     "03_quantization.ipynb": {"n_problems": 2, "formats": ["int8-wo"], "max_tokens": 16, "n_boot": 50,
                               "figure_formats": ["html"]},
-    "04_moe_sparsity.ipynb": {"n_problems": 1, "top_k_values": [8, 16], "max_tokens": 16, "formats": ["html"]},
+    "04_moe_sparsity.ipynb": {"n_problems": 1, "top_k_values": [8, 16], "max_tokens": 16, "n_boot": 50,
+                              "figure_formats": ["html"]},
 }
 GENERIC = {"n_problems": 2, "n_samples": 2, "max_tokens": 16, "n_boot": 50, "figure_formats": ["html"]}
 WIDGET_CONTROLS = (".widget-dropdown, .widget-slider, .widget-hslider, .widget-select-multiple, .widget-select, "

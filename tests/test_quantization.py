@@ -65,12 +65,12 @@ def test_study_refuses_before_generating(monkeypatch):
 
     calls = []
     monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a) or pl.DataFrame())
-    specs = study.conditions(model=MODEL, formats=["int8-wo", "bnb-nf4:kernel"], n_problems=2)
+    specs = study.conditions(study.Params(model=MODEL, formats=("int8-wo", "bnb-nf4:kernel"), n_problems=2))
     with pytest.raises(quantization.QuantizationUnavailable, match="bnb-nf4"):
         study.run(specs, progress=False)
     assert calls == []
     with pytest.raises(ValueError, match="not a method"):
-        study.run(study.conditions(model=MODEL, formats=["int2"]), progress=False)
+        study.run(study.conditions(study.Params(model=MODEL, formats=("int2",))), progress=False)
     assert calls == []
 
 
@@ -200,7 +200,7 @@ def test_every_condition_of_a_study_runs_through_one_forward(tmp_path, formats):
     from thinklab.store import RunStore
     from thinklab.studies import quantization as study
 
-    specs = study.conditions(model=MODEL, task="rg:basic_arithmetic", formats=formats, n_problems=2, max_tokens=6)
+    specs = study.conditions(study.Params(model=MODEL, task="rg:basic_arithmetic", formats=formats, n_problems=2, max_tokens=6))
     df = study.run(specs, progress=False, runs_root=tmp_path)
     assert df["format"].n_unique() == len(formats) + 1
     recorded = {}
