@@ -9,9 +9,12 @@ import sys
 import typing
 
 from thinklab.config import BudgetSpec, GradingSpec, ModelSpec, PromptSpec, RunSpec, SamplingSpec
+from thinklab.specdoc import field_comments, field_help
 
 # spec field -> flag name where the field's own name would be unclear on a command line
 _FLAG_NAMES = {("model", "name"): "model", ("sampling", "n"): "n-samples"}
+# boolean spec fields that are plain switches on the command line (off unless given)
+_SWITCHES = {("model", "trust_remote_code")}
 _SECTIONS = {"model": ModelSpec, "sampling": SamplingSpec, "budget": BudgetSpec, "prompt": PromptSpec,
              "grading": GradingSpec}
 
@@ -46,12 +49,16 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-problems", type=int, default=8, help="problems drawn from the task")
     p.add_argument("--task-seed", type=int, default=0, help="seed that picks the subset of problems")
     for section, cls in _SECTIONS.items():
-        group = p.add_argument_group(section)
+        group = p.add_argument_group(f"{section} ({cls.__name__}: {cls.__doc__.strip().splitlines()[0]})")
         for f in dataclasses.fields(cls):
             flag = _FLAG_NAMES.get((section, f.name), f.name.replace("_", "-"))
             default = f.default if f.default is not dataclasses.MISSING else None
+            if (section, f.name) in _SWITCHES:
+                group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", action="store_true",
+                                   help=field_comments(cls).get(f.name))
+                continue
             group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", type=_field_parser(f.type), default=default,
-                               help=f"{section}.{f.name} (default: {default!r})")
+                               metavar=f.name.upper(), help=field_help(cls, f.name, default))
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -79,14 +86,17 @@ def cmd_models(args) -> int:
     from thinklab import models
 
     if args.materialize:
+        from thinklab import moe
+
         for name in args.materialize:
-            print(models.materialize(name, force=args.force))
+            build = moe.materialize if name in moe.OFFLINE else models.materialize
+            print(build(name, force=args.force))
         return 0
     rows = models.list_models()
-    print(f"{'name':<16} {'aliases':<14} {'installed':<10} {'materialized':<13} path")
+    print(f"{'name':<20} {'aliases':<14} {'installed':<10} {'materialized':<13} path")
     for r in rows:
-        print(f"{r['name']:<16} {r['aliases']:<14} {str(r['installed']):<10} {str(r['materialized']):<13} {r['path']}")
-        print(f"{'':<16} {r['description']}")
+        print(f"{r['name']:<20} {r['aliases']:<14} {str(r['installed']):<10} {str(r['materialized']):<13} {r['path']}")
+        print(f"{'':<20} {r['description']}")
     print("\nAny Hugging Face model id (org/name) or local model directory also works as --model.")
     return 0
 
@@ -119,6 +129,31 @@ def cmd_regrade(args) -> int:
     changed = int((before["correct"] != after["correct"]).sum()) if len(before) else 0
     print(f"regraded {len(after)} samples with grader {grading.GRADER_VERSION}: {changed} changed correctness; "
           f"accuracy {before['correct'].mean():.3f} -> {after['correct'].mean():.3f}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from thinklab import catalog
+
+    frame = catalog.runs(args.runs)
+    if args.study:
+        frame = frame.filter(frame["study"] == args.study)
+    if frame.is_empty():
+        print(f"no runs in {args.runs or catalog.paths.runs_dir()}", file=sys.stderr)
+        return 0
+    print(catalog.format_table(frame))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from thinklab import viewer
+    from thinklab.catalog import resolve_run
+
+    run_dir = resolve_run(args.run, args.runs)
+    out = args.out or f"{run_dir.name}-{(args.problem or 'first').replace('/', '_').replace(':', '_')}" \
+                      f"-{args.sample if args.sample is not None else 0}.html"
+    viewer.show(run_dir, args.problem, args.sample, out=out)
+    print(out)
     return 0
 
 
@@ -184,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("regrade", help="re-grade a stored run with the current grader")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_regrade)
+
+    ls = sub.add_parser("runs", help="list stored runs: model, task, the knobs that vary, accuracy, status")
+    ls.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
+    ls.add_argument("--study", default=None, help="only runs of this study")
+    ls.set_defaults(func=cmd_runs)
+
+    sh = sub.add_parser("show", help="write one sample of a run as a self-contained HTML page (the trace viewer)")
+    sh.add_argument("run", help="run id (or a unique prefix of it) or run directory")
+    sh.add_argument("--problem", default=None, help="problem id, e.g. gsm8k/12 (default: the run's first problem)")
+    sh.add_argument("--sample", type=int, default=None, help="sample index of that problem (default: its first)")
+    sh.add_argument("--out", default=None, help="the HTML file (default: <run id>-<problem>-<sample>.html here)")
+    sh.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
+    sh.set_defaults(func=cmd_show)
 
     b = sub.add_parser("batch", help="run a papermill sweep file")
     b.add_argument("sweep")
