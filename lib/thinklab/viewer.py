@@ -295,6 +295,8 @@ def widget(runs_root: Path | str | None = None):
         ]
         if not sample_box.options:
             view.value = f"<em>no {html.escape(filter_box.value)} samples in this run</em>"
+            return
+        sample_box.value = sample_box.options[0][1]  # new options leave no value selected
         render()
 
     def render(_=None):
