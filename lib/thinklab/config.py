@@ -34,8 +34,8 @@ class ModelSpec:
     revision: str | None = None  # hub revision
     trust_remote_code: bool = False  # run Python code shipped with a hub model (its own architecture)
     # vLLM engine options that pass straight through (ignored by the hf backend).
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # vLLM: GPUs each layer's weights are split over
+    pipeline_parallel_size: int = 1  # vLLM: GPUs the layers are spread over in stages
     distributed_executor_backend: str | None = None  # e.g. "ray"
     kv_cache_dtype: str | None = None  # vLLM only, e.g. "fp8"
 
