@@ -34,3 +34,12 @@ def compare(a, b, **options):
     from thinklab.catalog import compare as _compare
 
     return _compare(a, b, **options)
+
+
+def __getattr__(name):
+    # `thinklab.viewer.widget()` in a notebook without importing the submodule first
+    if name in ("catalog", "viewer"):
+        import importlib
+
+        return importlib.import_module(f"thinklab.{name}")
+    raise AttributeError(f"module 'thinklab' has no attribute {name!r}")
