@@ -33,7 +33,7 @@ _CSS = """
 .tl-kv dt{font-weight:600;color:#57606a}.tl-kv dd{margin:0;font-family:ui-monospace,monospace;white-space:pre-wrap}
 .tl-text{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;line-height:1.7;
  white-space:pre-wrap;word-break:break-word;border:1px solid #d0d7de;border-radius:6px;padding:.7em}
-.tl-tok{border-radius:2px}
+.tl-tok{border-radius:2px}.tl-tok:hover{outline:1px solid #24292f}
 .tl-forced{outline:1px dashed #0969da;background:#ddf4ff!important;color:#0550ae}
 .tl-wait{outline:2px solid #8250df;background:#fbefff!important;color:#6639ba;font-weight:600}
 .tl-boundary{display:inline-block;margin:0 .2em;padding:0 .4em;font-family:system-ui,sans-serif;font-size:11px;
