@@ -177,13 +177,13 @@ def cmd_regrade(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from thinklab import catalog
+    from thinklab import catalog, paths
 
     frame = catalog.runs(args.runs)
     if args.study:
         frame = frame.filter(frame["study"] == args.study)
     if frame.is_empty():
-        print(f"no runs in {args.runs or catalog.paths.runs_dir()}", file=sys.stderr)
+        print(f"no runs in {args.runs or paths.runs_dir()}", file=sys.stderr)
         return 0
     print(catalog.format_table(frame))
     return 0
