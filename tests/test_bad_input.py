@@ -111,8 +111,10 @@ TABLE = [
          argv=("generate", "--n-samples", "0")),
     Case("cli-backend", "thinklab generate --backend onnx", "ModelSpec.backend='onnx' is not valid: choose one of 'hf', 'vllm'",
          argv=("generate", "--backend", "onnx")),
-    Case("cli-bool-flag", "thinklab generate --trust-remote-code maybe",
-         "argument --trust-remote-code: 'maybe' is not a boolean (true/false)", argv=("generate", "--trust-remote-code", "maybe")),
+    Case("cli-bool-flag", "thinklab generate --lenient-truncated maybe",
+         "argument --lenient-truncated: 'maybe' is not a boolean (true/false)", argv=("generate", "--lenient-truncated", "maybe")),
+    Case("cli-switch-value", "thinklab generate --trust-remote-code true",
+         "unrecognized arguments: true", argv=("generate", "--trust-remote-code", "true")),
     Case("cli-chunk-problems", "thinklab generate --chunk-problems 0", "argument --chunk-problems: '0' is not a positive int",
          argv=("generate", "--chunk-problems", "0")),
     # ---- task names and task files

@@ -10,6 +10,7 @@ import sys
 import typing
 
 from thinklab.config import RunSpec, SpecError
+from thinklab.specdoc import field_comments, field_help
 
 _HINTS = typing.get_type_hints(RunSpec)
 # RunSpec's nested specs become flag groups; its own scalar fields plain flags. New spec fields get flags for free.
@@ -17,6 +18,8 @@ _SECTIONS = {f.name: _HINTS[f.name] for f in dataclasses.fields(RunSpec) if data
 _TOP = [f for f in dataclasses.fields(RunSpec) if f.name not in _SECTIONS]
 # spec field -> flag name where the field's own name would be unclear on a command line
 _FLAG_NAMES = {("model", "name"): "model", ("sampling", "n"): "n-samples"}
+# boolean spec fields that are plain switches on the command line (off unless given)
+_SWITCHES = {("model", "trust_remote_code")}
 _HELP = {"task": "task name, e.g. gsm8k, math500:level=5, rg:chain_sum:difficulty=3 (see `thinklab tasks`)",
          "n_problems": "problems drawn from the task", "task_seed": "seed that picks the subset of problems"}
 _FLAGS: dict[tuple[str, str], str] = {}  # (spec class name, field) -> flag, to name the flag in errors
@@ -78,9 +81,9 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
         taken.add(flag)
         _FLAGS[(RunSpec.__name__, f.name)] = f"--{flag}"
         p.add_argument(f"--{flag}", dest=f.name, type=_field_parser(_HINTS[f.name]), default=f.default,
-                       help=_HELP.get(f.name, f"{f.name} (default: {f.default!r})"))
+                       help=_HELP.get(f.name) or field_help(RunSpec, f.name, f.default))
     for section, cls in _SECTIONS.items():
-        group = p.add_argument_group(section)
+        group = p.add_argument_group(f"{section} ({cls.__name__}: {cls.__doc__.strip().splitlines()[0]})")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = _FLAG_NAMES.get((section, f.name), f.name.replace("_", "-"))
@@ -89,8 +92,12 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
             taken.add(flag)
             _FLAGS[(cls.__name__, f.name)] = f"--{flag}"
             default = f.default if f.default is not dataclasses.MISSING else None
+            if (section, f.name) in _SWITCHES:
+                group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", action="store_true",
+                                   help=field_comments(cls).get(f.name))
+                continue
             group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]), default=default,
-                               help=f"{section}.{f.name} (default: {default!r})")
+                               metavar=f.name.upper(), help=field_help(cls, f.name, default))
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -122,14 +129,17 @@ def cmd_models(args) -> int:
     from thinklab import models
 
     if args.materialize:
+        from thinklab import moe
+
         for name in args.materialize:
-            print(models.materialize(name, force=args.force))
+            build = moe.materialize if name in moe.OFFLINE else models.materialize
+            print(build(name, force=args.force))
         return 0
     rows = models.list_models()
-    print(f"{'name':<16} {'aliases':<14} {'installed':<10} {'materialized':<13} path")
+    print(f"{'name':<20} {'aliases':<14} {'installed':<10} {'materialized':<13} path")
     for r in rows:
-        print(f"{r['name']:<16} {r['aliases']:<14} {str(r['installed']):<10} {str(r['materialized']):<13} {r['path']}")
-        print(f"{'':<16} {r['description']}")
+        print(f"{r['name']:<20} {r['aliases']:<14} {str(r['installed']):<10} {str(r['materialized']):<13} {r['path']}")
+        print(f"{'':<20} {r['description']}")
     print("\nAny Hugging Face model id (org/name) or local model directory also works as --model.")
     return 0
 
@@ -163,6 +173,31 @@ def cmd_regrade(args) -> int:
     changed = int((before["correct"] != after["correct"]).sum()) if len(before) else 0
     print(f"regraded {len(after)} samples with grader {grading.GRADER_VERSION}: {changed} changed correctness; "
           f"accuracy {before['correct'].mean():.3f} -> {after['correct'].mean():.3f}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from thinklab import catalog, paths
+
+    frame = catalog.runs(args.runs)
+    if args.study:
+        frame = frame.filter(frame["study"] == args.study)
+    if frame.is_empty():
+        print(f"no runs in {args.runs or paths.runs_dir()}", file=sys.stderr)
+        return 0
+    print(catalog.format_table(frame))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from thinklab import viewer
+    from thinklab.catalog import resolve_run
+
+    run_dir = resolve_run(args.run, args.runs)
+    out = args.out or f"{run_dir.name}-{(args.problem or 'first').replace('/', '_').replace(':', '_')}" \
+                      f"-{args.sample if args.sample is not None else 0}.html"
+    viewer.show(run_dir, args.problem, args.sample, out=out)
+    print(out)
     return 0
 
 
@@ -230,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("regrade", help="re-grade a stored run with the current grader")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_regrade)
+
+    ls = sub.add_parser("runs", help="list stored runs: model, task, the knobs that vary, accuracy, status")
+    ls.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
+    ls.add_argument("--study", default=None, help="only runs of this study")
+    ls.set_defaults(func=cmd_runs)
+
+    sh = sub.add_parser("show", help="write one sample of a run as a self-contained HTML page (the trace viewer)")
+    sh.add_argument("run", help="run id (or a unique prefix of it) or run directory")
+    sh.add_argument("--problem", default=None, help="problem id, e.g. gsm8k/12 (default: the run's first problem)")
+    sh.add_argument("--sample", type=int, default=None, help="sample index of that problem (default: its first)")
+    sh.add_argument("--out", default=None, help="the HTML file (default: <run id>-<problem>-<sample>.html here)")
+    sh.add_argument("--runs", default=None, help="where runs live (default: data/runs)")
+    sh.set_defaults(func=cmd_show)
 
     b = sub.add_parser("batch", help="run a papermill sweep file")
     b.add_argument("sweep")

@@ -212,10 +212,10 @@ class ModelSpec:
     quantization: str | None = None
     moe_top_k: int | None = None  # active experts per token; None = the checkpoint's own
     revision: str | None = None  # hub revision
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run Python code shipped with a hub model (its own architecture)
     # vLLM engine options that pass straight through (ignored by the hf backend).
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # vLLM: GPUs each layer's weights are split over
+    pipeline_parallel_size: int = 1  # vLLM: GPUs the layers are spread over in stages
     distributed_executor_backend: str | None = None  # e.g. "ray"
     kv_cache_dtype: str | None = None  # vLLM only, e.g. "fp8"
     # Options that change the stored numbers (so they are spec fields and part of the run id).
@@ -247,8 +247,8 @@ class ModelSpec:
 class SamplingSpec:
     """How each token is drawn. temperature=0 means greedy."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # 0 = greedy; higher flattens the distribution
+    top_p: float = 1.0  # nucleus sampling: keep the smallest token set with this much probability; 1 = off
     top_k: int = 0  # 0 = off (plain temperature sampling)
     n: int = 1  # samples per problem
     max_tokens: int = 256  # cap on generated tokens per sample (thinking + answer)
@@ -280,11 +280,12 @@ class BudgetSpec:
 
     thinking_budget: int | None = None  # cap on thinking tokens; None = uncapped
     wait_extensions: int = 0  # times the end of thinking is replaced by `wait_string`
-    wait_string: str = "Wait"
+    wait_string: str = "Wait"  # what replaces the end of thinking on each extension
     think_start: str | None = None  # e.g. "<think>"; None = auto from the model
     think_end: str | None = None  # e.g. "</think>"; None = auto from the model
     answer_cue: str | None = None  # forced text after a capped thinking phase; None = auto
     answer_budget: int = 64  # tokens allowed after a forced answer cue
+    # strings whose first occurrence starts the answer phase of a model without think tags
     answer_markers: tuple[str, ...] = ("\\boxed{", "Final answer:", "final answer is", "The answer is")
 
     def __post_init__(self) -> None:
@@ -301,7 +302,7 @@ class BudgetSpec:
 class PromptSpec:
     """How a problem becomes the text given to the model."""
 
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # None = the chat template's own default
     enable_thinking: bool | None = None  # passed to chat templates that support it
     few_shot: int = 0  # worked examples from the task's own pool placed before the question
 

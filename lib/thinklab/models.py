@@ -325,7 +325,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def list_models() -> list[dict]:
-    """The embedded models and whether each is materialized (for `thinklab models`)."""
+    """The embedded models and the offline MoE, and whether each is materialized (for `thinklab models`)."""
     rows = []
     for m in EMBEDDED.values():
         installed = all(_package_dir(p) is not None for p in m.packages)
@@ -337,6 +337,20 @@ def list_models() -> list[dict]:
                 "materialized": is_materialized(m.name),
                 "path": str(model_dir(m.name)),
                 "description": m.description,
+            }
+        )
+    from thinklab import moe  # the offline MoE models built from an embedded one
+
+    for m in moe.OFFLINE.values():
+        base = EMBEDDED[m.base]
+        rows.append(
+            {
+                "name": m.name,
+                "aliases": "",
+                "installed": all(_package_dir(p) is not None for p in base.packages),
+                "materialized": is_materialized(m.name),
+                "path": str(moe.offline_dir(m.name)),
+                "description": f"{m.description} (built from {m.base}, no download)",
             }
         )
     return rows
