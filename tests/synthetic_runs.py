@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from thinklab.runner import run_id
 from thinklab.config import RunSpec
 from thinklab.store import RunStore, rows_to_frame
 
@@ -27,8 +28,8 @@ def make_row(run_id: str, problem: str, sample: int, *, correct: bool, n_tokens:
 
 def write_run(root: Path, spec: RunSpec, rows: list[dict], *, study: str | None = None, status: str = "complete",
               created: str = "2026-11-30T10:00:00+00:00", chunk: int = 2, model_path: str | None = None) -> Path:
-    store = RunStore(root / spec.run_id)
-    meta = {"run_id": spec.run_id, "spec": spec.to_dict(), "n_problems": spec.n_problems, "created": created,
+    store = RunStore(root / run_id(spec))
+    meta = {"run_id": run_id(spec), "spec": spec.to_dict(), "n_problems": spec.n_problems, "created": created,
             "status": status, "model": {"name": spec.model.name, "resolved": "smollm2-135m", "path": model_path},
             "backend": {"name": "hf", "forward": "lean (thinklab.backends.lean, native)"}}
     if study:

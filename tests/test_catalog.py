@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 import thinklab
+from thinklab.runner import run_id
 from thinklab import catalog
 from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
 
@@ -40,13 +41,13 @@ def store_root(tmp_path):
             for s in range(2):
                 n = int(rng.integers(5, 30))
                 ent = rng.random(4).round(3).tolist()
-                rows.append(make_row(spec.run_id, f"rg:basic_arithmetic/{p}", s, correct=bool(rng.random() < 0.5),
+                rows.append(make_row(run_id(spec), f"rg:basic_arithmetic/{p}", s, correct=bool(rng.random() < 0.5),
                                      n_tokens=n, entropy=ent + [math.nan], seed=1000 * p + s,
                                      finish="length" if n > 20 else "stop", temperature=temperature))
         write_run(tmp_path, spec, rows, study=study)
         tables[temperature] = rows
     partial = spec_at(0.7, **{"budget": BudgetSpec(thinking_budget=16)})
-    write_run(tmp_path, partial, [make_row(partial.run_id, "rg:basic_arithmetic/0", s, correct=True, n_tokens=8,
+    write_run(tmp_path, partial, [make_row(run_id(partial), "rg:basic_arithmetic/0", s, correct=True, n_tokens=8,
                                            entropy=[0.1]) for s in range(2)],
               status="running", created="2026-11-30T11:00:00+00:00")
     return tmp_path, tables
@@ -58,7 +59,7 @@ def test_catalog_values_equal_hand_computations(store_root):
     assert frame.height == 3
     assert list(frame.columns) == list(catalog.COLUMNS)
     for temperature, rows in tables.items():
-        r = frame.filter(pl.col("run_id") == spec_at(temperature).run_id).row(0, named=True)
+        r = frame.filter(pl.col("run_id") == run_id(spec_at(temperature))).row(0, named=True)
         assert r["temperature"] == temperature and r["study"] == "temperature"
         assert r["model"] == "smollm2-135m" and r["task"] == "rg:basic_arithmetic" and r["forward"] == "lean"
         assert r["n_problems"] == 3 and r["n_samples"] == 2 and r["n_rows"] == 6
@@ -77,7 +78,7 @@ def test_samples_join_answers_a_cross_run_question(store_root):
     got = {round(t, 3): v for t, v in joined.iter_rows()}
     assert got == {t: pytest.approx(np.mean([r["n_tokens"] for r in rows])) for t, rows in tables.items()}
     assert isinstance(thinklab.samples(root), pl.LazyFrame)
-    assert thinklab.samples(root, run_ids=[spec_at(1.0).run_id]).collect().height == 6
+    assert thinklab.samples(root, run_ids=[run_id(spec_at(1.0))]).collect().height == 6
 
 
 def test_damaged_runs_are_skipped_with_a_note(store_root):
@@ -86,7 +87,7 @@ def test_damaged_runs_are_skipped_with_a_note(store_root):
     (root / "cut" / "run.json").write_text('{"run_id": "cut", "spec": {')
     (root / "foreign").mkdir()
     (root / "foreign" / "run.json").write_text("[1, 2]")
-    bad_part = write_run(root, spec_at(0.3), [make_row(spec_at(0.3).run_id, "p/0", 0, correct=True, n_tokens=3,
+    bad_part = write_run(root, spec_at(0.3), [make_row(run_id(spec_at(0.3)), "p/0", 0, correct=True, n_tokens=3,
                                                       entropy=[0.2])])
     (bad_part / "part-00000.parquet").write_bytes(b"PAR1 garbage")
     with pytest.warns(catalog.CatalogWarning) as notes:
@@ -98,7 +99,7 @@ def test_damaged_runs_are_skipped_with_a_note(store_root):
 
 def test_compare_equals_a_hand_computed_paired_difference(store_root):
     root, tables = store_root
-    a, b = spec_at(0.7).run_id, spec_at(1.0).run_id
+    a, b = run_id(spec_at(0.7)), run_id(spec_at(1.0))
     result = thinklab.compare(a[:6], b, runs_root=root, n_boot=500)
     assert result["metric"].to_list() == ["accuracy", "length", "entropy"]
     pairs = {(r["problem_id"], r["sample_idx"], r["seed"]): r for r in tables[0.7]}
@@ -136,5 +137,5 @@ def test_cli_runs_prints_the_table(store_root):
     assert lines[0].split() == ["id", "study", "model", "task", "temperature", "thinking_budget", "problems", "x",
                                 "samples", "accuracy", "truncated", "status", "age"]
     assert len(lines) == 4
-    row = next(line for line in lines if line.startswith(spec_at(1.0).run_id)).split()
+    row = next(line for line in lines if line.startswith(run_id(spec_at(1.0)))).split()
     assert row[1:5] == ["temperature", "smollm2-135m", "rg:basic_arithmetic", "1"] and row[6:9] == ["3", "x", "2"]

@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from thinklab.runner import run_id
 from thinklab import viewer
 from thinklab.config import ModelSpec, RunSpec, SamplingSpec
 
@@ -138,10 +139,10 @@ def test_readable_gold():
 def viewer_run(tmp_path_factory, tokenizer, tokenizer_path):
     root = tmp_path_factory.mktemp("runs")
     spec = RunSpec(model=ModelSpec(name="default"), n_problems=2, sampling=SamplingSpec(n=2))
-    rows = [traced_row(tokenizer, spec.run_id, f"rg:basic_arithmetic/{p}", s, correct=(p == 1),
+    rows = [traced_row(tokenizer, run_id(spec), f"rg:basic_arithmetic/{p}", s, correct=(p == 1),
                        finish="length" if s == 1 else "stop") for p in range(2) for s in range(2)]
     write_run(root, spec, rows, model_path=tokenizer_path)
-    return root, spec.run_id, rows
+    return root, run_id(spec), rows
 
 
 def test_cli_show_writes_a_self_contained_page(viewer_run, tmp_path):
