@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "openai")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -22,12 +22,16 @@ def _check_choice(name: str, value: Any, valid: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
 
 
+# (spec part, field, default) of fields added after run ids were in use.
+_LATER_FIELDS = (("model", "base_url", None),)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which weights, loaded how."""
 
     name: str = "default"  # embedded name ("default", "smollm2-135m", "qwen2.5-0.5b"), hub id or local dir
-    backend: str = "hf"  # "hf" (transformers) or "vllm"
+    backend: str = "hf"  # "hf" (transformers), "vllm" (offline engine) or "openai" (a running server)
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
     quantization: str | None = None  # numeric format, e.g. "int8-wo"; None = baseline
     moe_top_k: int | None = None  # active experts per token; None = the checkpoint's own
@@ -38,10 +42,18 @@ class ModelSpec:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # e.g. "ray"
     kv_cache_dtype: str | None = None  # vLLM only, e.g. "fp8"
+    # backend="openai" only: the server's base URL, e.g. "http://host:8000/v1" (None = the
+    # THINKLAB_OPENAI_BASE_URL environment variable). The API key never goes in a spec.
+    base_url: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("dtype", self.dtype, DTYPES)
+        if self.base_url is not None:
+            if not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url={self.base_url!r} is not valid; use an http:// or https:// URL, or None")
+            if self.backend != "openai":
+                raise ValueError(f"base_url={self.base_url!r} is only used by backend='openai', not backend={self.backend!r}")
         if self.moe_top_k is not None and self.moe_top_k < 1:
             raise ValueError(f"moe_top_k={self.moe_top_k} is not valid; use a positive int or None")
 
@@ -139,7 +151,12 @@ class RunSpec:
             raise ValueError(f"n_problems={self.n_problems} is not valid; use a positive int")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # Fields added after runs were stored are left out at their default, so those runs keep their ids.
+        for part, key, default in _LATER_FIELDS:
+            if d[part].get(key) == default:
+                d[part].pop(key)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
