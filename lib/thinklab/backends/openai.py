@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -161,7 +160,6 @@ class OpenAIBackend(Backend):
         key, self.api_key_env = _api_key()
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="thinklab-openai")
-        self._warned_cap = threading.Event()
 
         self.resolved = models.resolve(spec.name)
         from transformers import AutoConfig, AutoTokenizer
