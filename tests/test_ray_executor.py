@@ -197,9 +197,9 @@ def test_chunked_run_on_an_actor_pool_equals_a_local_run_after_an_actor_is_sigki
         victim = ray.get_actor("tl-test-0")
         pid = ray.get(victim.pid.remote())
         os.kill(pid, signal.SIGKILL)  # mid-run: four or five chunks still to go
+        restarted = ray.get(victim.pid.remote(), timeout=300)  # the same actor, in a new process
         thread.join(timeout=600)
         assert not thread.is_alive()
-        restarted = ray.get(victim.pid.remote())  # the same actor, in a new process
     finally:
         ray.shutdown()
     assert restarted != pid
