@@ -186,8 +186,14 @@ def test_chunked_run_on_an_actor_pool_equals_a_local_run_after_an_actor_is_sigki
     ray.init(address=ray_cluster, runtime_env={"env_vars": _env_vars()}, log_to_driver=False)
     result: dict = {}
     try:
-        thread = threading.Thread(target=lambda: result.update(df=ray_pool.run(
-            spec, runs_root=isolated / "ray", actors=2, chunk_problems=1, name_prefix="tl-test")))
+        def work():
+            try:
+                result["df"] = ray_pool.run(spec, runs_root=isolated / "ray", actors=2, chunk_problems=1,
+                                            name_prefix="tl-test")
+            except BaseException as exc:  # shown by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=work)
         thread.start()
         run_dir = isolated / "ray" / spec.run_id
         deadline = time.monotonic() + 300
@@ -202,6 +208,7 @@ def test_chunked_run_on_an_actor_pool_equals_a_local_run_after_an_actor_is_sigki
         assert not thread.is_alive()
     finally:
         ray.shutdown()
+    assert "error" not in result, result.get("error")
     assert restarted != pid
     keys = ["problem_id", "sample_idx"]
     assert result["df"].sort(keys).equals(local.sort(keys))  # every column, token for token
