@@ -122,6 +122,8 @@ def test_missing_server_address_is_named(monkeypatch):
     monkeypatch.delenv("THINKLAB_OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="THINKLAB_OPENAI_BASE_URL"):
         OpenAIBackend(ModelSpec(backend="openai"))
+    with pytest.raises(ValueError, match="moe_top_k=2 cannot be applied by backend='openai'"):
+        OpenAIBackend(ModelSpec(backend="openai", moe_top_k=2, base_url="http://127.0.0.1:1/v1"))
 
 
 # --- against a real vLLM server ---------------------------------------------------------

@@ -124,6 +124,14 @@ class OpenAIBackend(Backend):
         backoff_s: float = 1.0,
     ):
         super().__init__(spec)
+        server_side = {"moe_top_k": spec.moe_top_k, "kv_cache_dtype": spec.kv_cache_dtype,
+                       "distributed_executor_backend": spec.distributed_executor_backend,
+                       "tensor_parallel_size": spec.tensor_parallel_size if spec.tensor_parallel_size != 1 else None,
+                       "pipeline_parallel_size": spec.pipeline_parallel_size if spec.pipeline_parallel_size != 1 else None}
+        for key, value in server_side.items():
+            if value is not None:
+                raise ValueError(f"{key}={value!r} cannot be applied by backend='openai': it is a setting of the server "
+                                 "(set it where the model is served) and thinklab cannot check it; leave it at its default")
         url = base_url or spec.base_url or os.environ.get(BASE_URL_ENV)
         if not url:
             raise ValueError(
