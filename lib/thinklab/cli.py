@@ -5,18 +5,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
-from thinklab.config import BudgetSpec, GradingSpec, ModelSpec, PromptSpec, RunSpec, SamplingSpec
+from thinklab.config import RunSpec, SpecError
 
+_HINTS = typing.get_type_hints(RunSpec)
+# RunSpec's nested specs become flag groups; its own scalar fields plain flags. New spec fields get flags for free.
+_SECTIONS = {f.name: _HINTS[f.name] for f in dataclasses.fields(RunSpec) if dataclasses.is_dataclass(_HINTS[f.name])}
+_TOP = [f for f in dataclasses.fields(RunSpec) if f.name not in _SECTIONS]
 # spec field -> flag name where the field's own name would be unclear on a command line
 _FLAG_NAMES = {("model", "name"): "model", ("sampling", "n"): "n-samples"}
-_SECTIONS = {"model": ModelSpec, "sampling": SamplingSpec, "budget": BudgetSpec, "prompt": PromptSpec,
-             "grading": GradingSpec}
+_HELP = {"task": "task name, e.g. gsm8k, math500:level=5, rg:chain_sum:difficulty=3 (see `thinklab tasks`)",
+         "n_problems": "problems drawn from the task", "task_seed": "seed that picks the subset of problems"}
+_FLAGS: dict[tuple[str, str], str] = {}  # (spec class name, field) -> flag, to name the flag in errors
 
 
-def _parse_optional(kind):
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, not the whole usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"thinklab: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parse_scalar(kind):
+    names = {int: "an int", float: "a number", bool: "a boolean (true/false)", str: "a string"}
+
     def parse(text: str):
         if text.lower() in ("none", "null", ""):
             return None
@@ -25,32 +40,56 @@ def _parse_optional(kind):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-        return kind(text)
+        else:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not {names.get(kind, kind.__name__)}")
 
     return parse
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int")
+    return value
+
+
 def _field_parser(tp):
-    """An argparse `type` for a dataclass field annotation (a string under postponed annotations)."""
-    tp = eval(tp, vars(typing)) if isinstance(tp, str) else tp  # annotations are simple builtins
+    """An argparse `type` for a resolved field annotation; the spec itself checks what comes out."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
+    base = args[0] if args and typing.get_origin(tp) is not typing.Literal else tp
     if typing.get_origin(base) is tuple:
         return lambda text: tuple(s for s in text.split("|") if s)
-    return _parse_optional(base)
+    if base in (int, float, bool, str):
+        return _parse_scalar(base)
+    return _parse_scalar(str)  # Literal and other annotations: the text, checked by the spec
 
 
 def _add_spec_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default=RunSpec.task, help="task name, e.g. gsm8k, math500:level=5, rg:chain_sum:difficulty=3 (see `thinklab tasks`)")
-    p.add_argument("--n-problems", type=int, default=8, help="problems drawn from the task")
-    p.add_argument("--task-seed", type=int, default=0, help="seed that picks the subset of problems")
+    taken = {"help"}
+    for f in _TOP:
+        flag = f.name.replace("_", "-")
+        taken.add(flag)
+        _FLAGS[(RunSpec.__name__, f.name)] = f"--{flag}"
+        p.add_argument(f"--{flag}", dest=f.name, type=_field_parser(_HINTS[f.name]), default=f.default,
+                       help=_HELP.get(f.name, f"{f.name} (default: {f.default!r})"))
     for section, cls in _SECTIONS.items():
         group = p.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = _FLAG_NAMES.get((section, f.name), f.name.replace("_", "-"))
+            if flag in taken:  # two sections with a field of the same name: qualify the later one
+                flag = f"{section}-{flag}"
+            taken.add(flag)
+            _FLAGS[(cls.__name__, f.name)] = f"--{flag}"
             default = f.default if f.default is not dataclasses.MISSING else None
-            group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", type=_field_parser(f.type), default=default,
+            group.add_argument(f"--{flag}", dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]), default=default,
                                help=f"{section}.{f.name} (default: {default!r})")
 
 
@@ -60,13 +99,17 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         section: cls(**{f.name: values[f"{section}.{f.name}"] for f in dataclasses.fields(cls)})
         for section, cls in _SECTIONS.items()
     }
-    return RunSpec(task=args.task, n_problems=args.n_problems, task_seed=args.task_seed, **sections)
+    return RunSpec(**{f.name: values[f.name] for f in _TOP}, **sections)
 
 
 def cmd_generate(args) -> int:
-    from thinklab import runner
+    from thinklab import tasks
 
     spec = spec_from_args(args)
+    tasks.load_task(spec.task, spec.n_problems, spec.task_seed)  # bad input fails here, before torch loads
+
+    from thinklab import runner
+
     df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet)
     if not args.quiet:
         acc = df["correct"].mean() if len(df) else float("nan")
@@ -105,17 +148,18 @@ def cmd_regrade(args) -> int:
 
     store = RunStore(args.run_dir)
     # the run's own rules: its grading options and think tags (None = the defaults the runner used)
-    spec = store.read_meta().get("spec") or {}
+    spec = store.read_meta().get("spec") or {}  # refuses a folder that is not a run before the lock could create it
     budget = spec.get("budget") or {}
-    before = store.load()
-    after = grading.regrade_table(
-        before,
-        lenient_truncated=bool((spec.get("grading") or {}).get("lenient_truncated", False)),
-        think_start=budget.get("think_start") or grading.THINK_START,
-        think_end=budget.get("think_end") or grading.THINK_END,
-    )
-    store.replace_parts(after)
-    store.update_meta(grader_version=grading.GRADER_VERSION, regraded=now_iso())
+    with store.lock():  # a generate of the same run must not write parts while they are rewritten
+        before = store.load()
+        after = grading.regrade_table(
+            before,
+            lenient_truncated=bool((spec.get("grading") or {}).get("lenient_truncated", False)),
+            think_start=budget.get("think_start") or grading.THINK_START,
+            think_end=budget.get("think_end") or grading.THINK_END,
+        )
+        store.replace_parts(after)
+        store.update_meta(grader_version=grading.GRADER_VERSION, regraded=now_iso())
     changed = int((before["correct"] != after["correct"]).sum()) if len(before) else 0
     print(f"regraded {len(after)} samples with grader {grading.GRADER_VERSION}: {changed} changed correctness; "
           f"accuracy {before['correct'].mean():.3f} -> {after['correct'].mean():.3f}")
@@ -163,14 +207,16 @@ def cmd_findings(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thinklab", description="Measure how language models behave at test time.")
+    parser = _Parser(prog="thinklab", description="Measure how language models behave at test time.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="run one spec and print its run directory")
     _add_spec_flags(g)
     g.add_argument("--runs-root", default=None, help="where runs live (default: data/runs)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    g.add_argument("--chunk-problems", type=int, default=None,
+    g.add_argument("--chunk-problems", type=_positive_int, default=None,
                    help="problems per stored part (the unit of resumption); default: one batch of samples")
     g.set_defaults(func=cmd_generate)
 
@@ -188,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="run a papermill sweep file")
     b.add_argument("sweep")
-    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--workers", type=_positive_int, default=1, help="sets run at once, each in its own process")
     b.add_argument("--force", action="store_true", help="rerun sets that already succeeded")
     b.add_argument("--executor", choices=["local", "ray"], default=None,
                    help="local processes (default) or one Ray task per set; default: the sweep file's `executor`")
@@ -212,19 +258,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "THINKLAB_DEBUG"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_error(exc: BaseException) -> bool:
+    """Bad input (a value, a file, a model, a damaged run) rather than a bug in thinklab."""
+    from thinklab.models import ModelError
+
+    if isinstance(exc, (ValueError, OSError, ModelError)):
+        return True
+    # thinklab's own RuntimeErrors carry messages written for users (e.g. a quantization that is unavailable)
+    return isinstance(exc, RuntimeError) and _raised_by_thinklab(exc)
+
+
+def _raised_by_thinklab(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, SpecError) and (flag := _FLAGS.get((exc.spec, exc.field))):
+        text = f"{flag} {exc.value!r}: {text}"
+    elif isinstance(exc, OSError) and exc.filename and text.startswith("[Errno"):
+        text = f"{exc.strerror}: {exc.filename}"
+    if not _raised_by_thinklab(exc):
+        text += " (rerun with --debug for the traceback)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input ends in one line on stderr and exit code 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        from thinklab.models import ModelError
-
-        if isinstance(exc, (ValueError, FileNotFoundError, ModelError)) or "thinklab" in type(exc).__module__:
-            print(f"thinklab: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("thinklab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug or not _user_error(exc):
+            raise
+        print(f"thinklab: error: {_message(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
