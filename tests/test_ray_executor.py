@@ -90,10 +90,12 @@ def ray_cluster():
     temp = Path(f"/tmp/ray_tl{os.getpid()}")  # Ray's socket paths must stay short
     common = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     try:
-        subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard=false",
-                        "--temp-dir", str(temp), *common], check=True, capture_output=True, timeout=180)
-        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", *common],
-                       check=True, capture_output=True, timeout=180)
+        for cmd in ([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard=false",
+                     "--temp-dir", str(temp), *common],
+                    [ray_bin, "start", "--address", f"127.0.0.1:{port}", *common]):
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+            if res.returncode != 0:
+                pytest.fail(f"{' '.join(cmd[1:3])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
