@@ -81,5 +81,7 @@ def explore(study: ModuleType, df: pl.DataFrame, params: Any) -> None:
 
     for control in (figure, *selects.values()):
         control.observe(redraw, names="value")
-    display(widgets.VBox([widgets.HBox([figure, *selects.values()]), out]))
+    # Draw before displaying: an Output widget cleared with wait=True after it is displayed
+    # leaves nbclient (papermill) waiting forever for the cell to finish.
     redraw()
+    display(widgets.VBox([widgets.HBox([figure, *selects.values()]), out]))
