@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import polars as pl
 
-from thinklab.config import BACKENDS, DTYPES, FORWARDS, BudgetSpec, ModelSpec, RunSpec, SamplingSpec
+from thinklab.config import (BACKENDS, DTYPES, ENTROPY_ESTIMATORS, FORWARDS, BudgetSpec, GradingSpec, ModelSpec,
+                             RunSpec, SamplingSpec)
 
 FIGURE_FORMATS = ("html", "png", "svg", "pdf")
 TRUNCATED = "length"  # the finish_reason of a sample cut off at max_tokens
@@ -69,6 +70,9 @@ class StudyParams:
     backend: str = field(default="hf", metadata=choice(*BACKENDS))
     dtype: str = field(default="auto", metadata=choice(*DTYPES))
     forward: str = field(default="auto", metadata=choice(*FORWARDS))
+    entropy_top_k: int | None = field(default=20, metadata=rule(lambda v: v >= 1, "a positive int, or None for exact"))
+    entropy_estimator: str = field(default="lower", metadata=choice(*ENTROPY_ESTIMATORS))
+    lenient_truncated: bool = False
     task: str = field(default="rg:basic_arithmetic", metadata=non_empty("a task name (see `thinklab tasks`)"))
     n_problems: int = field(default=8, metadata=positive())
     n_samples: int = field(default=1, metadata=positive())
@@ -89,7 +93,8 @@ class StudyParams:
         """The RunSpec of one condition: these parameters with one setting of the study's knobs."""
         return RunSpec(
             model=ModelSpec(name=self.model, backend=self.backend, dtype=self.dtype, forward=self.forward,
-                            quantization=quantization, moe_top_k=moe_top_k),
+                            quantization=quantization, moe_top_k=moe_top_k,
+                            entropy_top_k=self.entropy_top_k, entropy_estimator=self.entropy_estimator),
             task=self.task,
             n_problems=self.n_problems,
             task_seed=self.seed,
@@ -97,6 +102,7 @@ class StudyParams:
                                   n=samples_per_problem(temperature, self.n_samples),
                                   max_tokens=self.max_tokens, seed=self.seed),
             budget=budget or BudgetSpec(),
+            grading=GradingSpec(lenient_truncated=self.lenient_truncated),
         )
 
 
