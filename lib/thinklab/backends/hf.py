@@ -137,7 +137,8 @@ class HFBackend(Backend):
     def _select_forward(self, requested: str) -> str:
         """Set up the forward `requested` ("auto" | "lean" | "transformers"); return the name of
         the one that runs: "lean-native" or "lean-onednn" (backends/lean.py with thinklab's own
-        kernels or oneDNN's), "transformers-packed" (transformers' modules, float32 CPU linears
+        kernels or oneDNN's; "lean-native-sdpa" where the native attention kernel does not fit
+        the head size), "transformers-packed" (transformers' modules, float32 CPU linears
         prepacked for oneDNN) or "transformers" (transformers' modules as they are). The names
         differ where the arithmetic does, so run.json can tell runs apart that round differently."""
         if requested == "transformers":
