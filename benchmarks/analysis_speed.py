@@ -2,7 +2,7 @@
 
     python benchmarks/analysis_speed.py [--problems 250] [--samples 25] [--tokens 980] [--repeat 3]
 
-The table (not timed) is `thinklab.synthetic.synthetic_samples` over a grid that covers
+The table (not timed) is `synthetic_samples` from tests/synthetic.py over a grid that covers
 all four studies: 2 temperatures (0.6, 1.0) x 2 thinking budgets (1024, uncapped) x 2
 quantizations (baseline, int4-wo) x 2 MoE top-k (4 and 8 of 8 experts, with the routing
 columns) = 16 conditions x problems x samples (100,000 samples by default), with
@@ -21,12 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import polars as pl
 
 from thinklab.analysis import all_frames
-from thinklab.synthetic import synthetic_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic tables are a test fixture
+from synthetic import synthetic_samples  # noqa: E402
 
 TARGET_S = 2.0
 

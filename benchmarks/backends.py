@@ -175,7 +175,7 @@ def main(argv=None) -> int:
           f"temperature {args.temperature}; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     timed(hf, prompts[:2], seeds[:2], sampling, 4)  # warm-up
     t0 = time.perf_counter()
-    vb = VLLMBackend(ModelSpec(name=args.model, backend="vllm", dtype="float32"), entropy_top_k=args.entropy_k)
+    vb = VLLMBackend(ModelSpec(name=args.model, backend="vllm", dtype="float32", entropy_top_k=args.entropy_k))
     t_v_load = time.perf_counter() - t0
     print(f"# load: hf {t_hf_load:.1f} s, vllm engine {t_v_load:.1f} s (enforce_eager={vb.enforce_eager}); entropy {vb.entropy_mode}")
     timed(vb, prompts[:2], seeds[:2], sampling, 4)
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
 
         small_p, small_s = prompts[: min(4, len(prompts))], seeds[: min(4, len(prompts))]
         t0 = time.perf_counter()
-        vx = VLLMBackend(ModelSpec(name=args.model, backend="vllm", dtype="float32"), entropy_top_k=None)
+        vx = VLLMBackend(ModelSpec(name=args.model, backend="vllm", dtype="float32", entropy_top_k=None))
         print(f"# exact-mode engine {time.perf_counter() - t0:.1f} s")
         comps, n, dt = timed(vx, small_p, small_s, sampling, 32)
         errs = []

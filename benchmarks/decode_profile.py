@@ -19,6 +19,7 @@ in decode.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections import defaultdict
 
@@ -116,14 +117,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--transformers", action="store_true", help="profile transformers' forward (fast=False) instead")
+    ap.add_argument("--transformers", action="store_true", help="profile transformers' forward (forward='transformers') instead")
     args = ap.parse_args()
 
     spec = ModelSpec(name=args.model)
     if args.transformers:
         from thinklab.backends.hf import HFBackend
 
-        backend = HFBackend(spec, fast=False)
+        backend = HFBackend(dataclasses.replace(spec, forward="transformers"))
     else:
         backend = get_backend(spec)
     lean = getattr(backend, "lean", None)

@@ -24,6 +24,7 @@ The ratio printed is measured tokens/s over the floor's tokens/s (1.0 = at the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -104,7 +105,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="measure ceilings and decode this many times, interleaved; keep the best of each")
     ap.add_argument("--transformers", action="store_true",
-                    help="also decode through transformers' own forward (HFBackend fast=False) for comparison")
+                    help="also decode through transformers' own forward (forward='transformers') for comparison")
     args = ap.parse_args()
 
     spec = ModelSpec(name=args.model)
@@ -112,7 +113,7 @@ def main() -> None:
     if args.transformers:
         from thinklab.backends.hf import HFBackend
 
-        backends["transformers"] = HFBackend(spec, fast=False)
+        backends["transformers"] = HFBackend(dataclasses.replace(spec, forward="transformers"))
     first = backends["thinklab"]
     tok = first.tokenizer
     c = model_costs(first.model)

@@ -15,9 +15,13 @@ from thinklab.config import ModelSpec  # noqa: E402
 @pytest.fixture(scope="session")
 def fast_backend():
     """The transformers backend on the embedded SmolLM2-135M-Instruct (materialized once)."""
-    from thinklab.runner import get_backend
+    # Loaded outside the runner's cache: a test that runs another model through the runner
+    # replaces (and closes) the cached backend, which must not be this shared one.
+    from thinklab.backends import load_backend
 
-    return get_backend(ModelSpec(name="default", backend="hf"))
+    backend = load_backend(ModelSpec(name="default", backend="hf"))
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(scope="session")

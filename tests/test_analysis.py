@@ -1,4 +1,4 @@
-"""thinklab.analysis and thinklab.synthetic: study frames against hand-computed values."""
+"""thinklab.analysis and the synthetic sample tables (tests/synthetic.py): study frames against hand-computed values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from thinklab import metrics
 from thinklab.analysis import all_frames
 from thinklab.analysis import overthinking as ot
 from thinklab.analysis import temperature as tt
-from thinklab.synthetic import synthetic_samples
+from synthetic import synthetic_samples
 from thinklab.tracing import marker_counts
 
 

@@ -66,7 +66,7 @@ def test_notebook_parameters_parsed_with_comments_papermill_drops(tmp_path):
     names = batch.notebook_parameters(_toy_notebook(tmp_path))
     assert list(names) == ["task", "n_points"] and names["n_points"] == "3"
     # every shipped notebook's parameters are found, whatever its comments hold
-    assert {"model", "tasks", "budgets", "temperature"} <= set(batch.notebook_parameters(ROOT / "notebooks/01_overthinking.ipynb"))
+    assert {"model", "task", "budgets", "temperature"} <= set(batch.notebook_parameters(ROOT / "notebooks/01_overthinking.ipynb"))
 
 
 def test_unknown_parameter_rejected_before_anything_runs(tmp_path):
@@ -163,8 +163,8 @@ def test_overthinking_sweep_with_a_bad_task(isolated):
     sweep = _sweep(isolated, {
         "notebook": str(ROOT / "notebooks" / "01_overthinking.ipynb"),
         "parameters": {"n_problems": 1, "n_samples": 1, "budgets": [8, None], "max_tokens": 16, "answer_budget": 8,
-                       "formats": ["html"]},
-        "sets": [{"name": "tiny"}, {"name": "bad_task", "tasks": ["rg:no_such_task"]}],
+                       "figure_formats": ["html"]},
+        "sets": [{"name": "tiny"}, {"name": "bad_task", "task": "rg:no_such_task"}],
     }, "overthinking_tiny")
     first = batch.run_sweep(sweep, workers=2)
     rows = {row["set"]: row for row in first.iter_rows(named=True)}

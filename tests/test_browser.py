@@ -1,6 +1,7 @@
 """The study notebooks in a real browser: JupyterLab on 127.0.0.1 (token auth on), headless
 Chromium driven by Playwright, Run > Run All Cells, then the ipywidgets controls and the
-plotly figures must be on the page. A screenshot per notebook is kept under tmp_path.
+plotly figures must be on the page, and the trace viewer at the end of each notebook must
+show a sample's coloured tokens. A screenshot per notebook is kept under tmp_path.
 
 The lab serves temporary copies of notebooks/0*_*.ipynb whose parameters are overridden
 to tiny values by papermill's parameterize (the `parameters` cell stays, an
@@ -36,12 +37,13 @@ RUN_TIMEOUT_S = float(os.environ.get("THINKLAB_BROWSER_TIMEOUT", 900))  # per no
 # Tiny sizes per notebook; a notebook not listed gets GENERIC, filtered to the names it has.
 TINY = {
     "01_overthinking.ipynb": {"n_problems": 1, "n_samples": 2, "budgets": [8, None], "max_tokens": 16,
-                              "answer_budget": 8, "formats": ["html"]},
+                              "answer_budget": 8, "n_boot": 50, "figure_formats": ["html"]},
     "02_temperature.ipynb": {"n_problems": 1, "n_samples": 2, "temperatures": [0.0, 1.0], "ks": [1, 2],
-                             "max_tokens": 16, "formats": ["html"]},
+                             "max_tokens": 16, "n_boot": 50, "figure_formats": ["html"]},
     "03_quantization.ipynb": {"n_problems": 2, "formats": ["int8-wo"], "max_tokens": 16, "n_boot": 50,
                               "figure_formats": ["html"]},
-    "04_moe_sparsity.ipynb": {"n_problems": 1, "top_k_values": [8, 16], "max_tokens": 16, "formats": ["html"]},
+    "04_moe_sparsity.ipynb": {"n_problems": 1, "top_k_values": [8, 16], "max_tokens": 16, "n_boot": 50,
+                              "figure_formats": ["html"]},
 }
 GENERIC = {"n_problems": 2, "n_samples": 2, "max_tokens": 16, "n_boot": 50, "figure_formats": ["html"]}
 WIDGET_CONTROLS = (".widget-dropdown, .widget-slider, .widget-hslider, .widget-select-multiple, .widget-select, "
@@ -235,6 +237,13 @@ def test_notebook_runs_in_jupyterlab(lab, browser, notebook, tmp_path):
         assert n_widgets > 0 and n_controls > 0, f"no ipywidgets controls rendered in {notebook}"
         assert n_plotly > 0, f"no plotly figure rendered in {notebook}"
         assert panel.locator(".js-plotly-plot .main-svg").count() > 0, "plotly figures have no drawn SVG"
+
+        # the trace viewer at the end: the newest run's first sample, coloured tokens with hover titles, escaped
+        tokens = panel.locator(".tl-view .tl-text .tl-tok")
+        assert tokens.count() > 0, f"the trace viewer showed no tokens in {notebook}"
+        assert all(tokens.nth(i).get_attribute("title") for i in range(min(5, tokens.count())))
+        panel.locator(".tl-view").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / f"{Path(notebook).stem}-viewer.png"))
 
         figure = panel.locator(".js-plotly-plot").first
         figure.scroll_into_view_if_needed()

@@ -218,6 +218,104 @@ def test_reasoning_gym_adversarial_answer_is_bounded():
     assert not g.correct and time.monotonic() - start < BOUND_S + grading.STARTUP_TIMEOUT_S
 
 
+# --------------------------------------------------------------------------- grading rules (issue 15)
+
+
+@pytest.mark.parametrize("text, pred", [
+    ("The answer is 5. Wait, no, the answer is 7.", "7"),
+    ("The answer is 5.\nHmm, let me recheck. The final answer is 7", "7"),
+    ("Final answer: 5, no wait. Answer: 7.", "7"),
+    ("The answer is 5 and the answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
+])
+def test_the_last_final_answer_in_the_text_wins(text, pred):
+    assert extract_answer(text) == (pred, "answer_is")
+
+
+def test_an_answer_seen_only_while_thinking_is_not_credited():
+    both = "<think>So it is \\boxed{7}. Hmm, no.</think>The answer is 5."
+    assert grade(both, "5", "gsm8k") == Grade("5", True, "answer_is", "string")
+    assert not grade(both, "7", "gsm8k").correct
+    # thinking opened and never closed: the model gave no final answer
+    assert grade("<think>It is \\boxed{7}, I think", "7", "gsm8k") == Grade("", False, "none", "empty")
+    # a text without think tags is all answer phase (instruction models)
+    assert grade("It is 3 + 4 = \\boxed{7}.", "7", "gsm8k").correct
+    # a prompt that opened <think> itself: the generation holds only the closing tag
+    assert grade("7 maybe...</think>\\boxed{8}", "8", "gsm8k").correct
+    assert grade("[T]7[/T] so \\boxed{8}", "7", "gsm8k", think_start="[T]", think_end="[/T]").pred == "8"
+    # reasoning-gym items follow the same rule
+    p = load_task("rg:chain_sum", n=1, seed=0)[0]
+    answer = json.loads(p.gold)["entry"]["answer"]
+    assert not grade(f"<think>\\boxed{{{answer}}}</think>\\boxed{{{int(answer) + 1}}}", p.gold, p.task).correct
+    assert grade(f"<think>\\boxed{{{int(answer) + 1}}}</think>\\boxed{{{answer}}}", p.gold, p.task).correct
+
+
+@pytest.mark.parametrize("text, gold", [
+    ("\\boxed{1^{235423523}}", "1"),
+    ("\\boxed{(-1)^{235423523}}", "-1"),
+    ("\\boxed{0^{99999}}", "0"),
+    ("\\boxed{1.0^{123456789}}", "1"),
+    ("\\boxed{2^{100} - 2^{100} + 1}", "1"),
+    ("\\boxed{10^{3000} / 10^{2999}}", "10"),
+])
+def test_provably_small_powers_are_evaluated(text, gold):
+    g = grade(text, gold, "math500")
+    assert g.correct and g.detail == "math-verify", g
+
+
+@pytest.mark.parametrize("pred", ["2^{99999999}", "10^{10001}", "(x+1)^{12345}", "2**99999", "0.5^{99999}", "9999!"])
+def test_powers_too_large_to_build_are_still_refused(pred):
+    assert grading._too_complex(pred) == "huge-number"
+
+
+def test_a_sample_cut_at_max_tokens_needs_a_final_answer():
+    cut = "First, 3 + 4 = 7. Then we multiply by"
+    assert grade(cut, "7", "gsm8k", finish_reason="length") == Grade(
+        "", False, "none_truncated", "cut at max_tokens with no final answer; last_number would give '7'")
+    assert grade(cut, "7", "gsm8k", finish_reason="length", lenient_truncated=True) == Grade("7", True, "last_number", "string")
+    assert grade(cut, "7", "gsm8k", finish_reason="stop") == Grade("7", True, "last_number", "string")
+    assert grade(cut, "7", "gsm8k") == Grade("7", True, "last_number", "string")  # no finish reason: not cut
+    # a final answer written before the cut still counts; an unclosed box does not
+    assert grade("So \\boxed{7}. Let me double-check: 3 + 4", "7", "gsm8k", finish_reason="length").correct
+    assert grade("The answer is 7. Checking: 3 +", "7", "gsm8k", finish_reason="length").extractor == "answer_is"
+    assert grade("So \\boxed{7", "7", "gsm8k", finish_reason="length").extractor == "none_truncated"
+    assert grade("I pick (C) because", "C", "jsonl:x", finish_reason="length").extractor == "none_truncated"
+    assert grade("I pick (C) because", "C", "jsonl:x", finish_reason="budget").correct  # forced answer, not cut
+    kk = load_task("rg:knights_knaves", n=1, seed=0)[0]
+    answer = json.loads(kk.gold)["entry"]["answer"]
+    assert grade(f"Let me see.\n{answer}", kk.gold, kk.task, finish_reason="length").extractor == "none_truncated"
+    assert grade(f"Let me see.\n{answer}", kk.gold, kk.task, finish_reason="length", lenient_truncated=True).correct
+
+
+def test_regrade_table_applies_finish_reason_and_lenient_option():
+    import polars as pl
+
+    df = pl.DataFrame({"text": ["3 + 4 = 7 and", "3 + 4 = 7 and", "<think>\\boxed{7}</think>8"],
+                       "gold": ["7", "7", "7"], "task": ["gsm8k"] * 3, "finish_reason": ["length", "stop", "stop"]})
+    strict = regrade_table(df)
+    assert strict["extractor"].to_list() == ["none_truncated", "last_number", "last_number"]
+    assert strict["correct"].to_list() == [False, True, False]
+    assert regrade_table(df, lenient_truncated=True)["correct"].to_list() == [True, True, False]
+
+
+def test_grading_spec_is_part_of_the_run_id_and_old_specs_still_load():
+    from thinklab.cli import build_parser, spec_from_args
+    from thinklab.config import GradingSpec, RunSpec
+
+    spec = RunSpec()
+    assert spec.grading == GradingSpec(lenient_truncated=False)
+    lenient = spec.replace(**{"grading.lenient_truncated": True})
+    from thinklab.runner import run_id
+
+    assert run_id(lenient) != run_id(spec) and RunSpec.from_dict(lenient.to_dict()) == lenient
+    old = spec.to_dict()
+    del old["grading"]  # run.json written before the option existed
+    assert RunSpec.from_dict(old) == spec
+    args = build_parser().parse_args(["generate", "--lenient-truncated", "true"])
+    assert spec_from_args(args).grading.lenient_truncated is True
+    with pytest.raises(ValueError, match="lenient_truncated='yes'"):
+        GradingSpec(lenient_truncated="yes")
+
+
 # --------------------------------------------------------------------------- regrade
 
 

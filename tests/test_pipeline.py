@@ -41,7 +41,7 @@ def test_run_rows_follow_the_contract(fast_backend, tmp_path):
         assert row["thinking"] + row["answer_text"] == row["text"]
         assert row["prompt"].startswith("<|im_start|>") and row["prompt"].endswith("assistant\n")
         assert row["finish_reason"] in ("stop", "length")
-    meta = RunStore(tmp_path / _spec().run_id).read_meta()
+    meta = RunStore(runner.run_dir(_spec(), tmp_path)).read_meta()
     assert meta["entropy_mode"] == "exact" and "sampled from" in meta["entropy_distribution"]
     assert meta["model"]["fingerprint"] and meta["status"] == "complete"
     assert meta["versions"]["torch"].startswith("2.")

@@ -1,5 +1,7 @@
-"""Quantization: formats really quantize the embedded model, refusals come before
-generating, and the paired analysis matches hand-computed values.
+"""Quantization: formats really quantize the embedded model, the simulated forms compute
+with the format's own values through the baseline's forward, every condition of a study
+runs through one forward, refusals come before generating, and the paired analysis
+matches hand-computed values.
 
 The model tests use the embedded SmolLM2-135M (real weights) on CPU; they need the
 `quant` extra (torchao, optimum-quanto) and are skipped without it.
@@ -13,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from thinklab import quantization
+from thinklab import quantization, runner
 from thinklab.analysis import quantization as aq
 from thinklab.config import ModelSpec, SamplingSpec
 
@@ -33,9 +35,25 @@ def test_unknown_method_lists_valid_ones():
 def test_bitsandbytes_refused_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: bitsandbytes is allowed there")
-    for method in ("bnb-8bit", "bnb-nf4"):
+    for method in ("bnb-8bit:kernel", "bnb-nf4:kernel"):
         with pytest.raises(quantization.QuantizationUnavailable, match=rf"{method}.*CUDA"):
             quantization.check(method, "cpu")
+
+
+@pytest.mark.parametrize("name", ["int8-dyn", "bnb-8bit", "bnb-nf4"])
+def test_formats_without_a_simulated_form_point_to_their_kernel_form(name):
+    with pytest.raises(ValueError, match=rf"quantization='{name}' has no simulated form.*'{name}:kernel'"):
+        quantization.check(name, "cpu")
+
+
+def test_names_and_forms():
+    assert quantization.parse("int8-wo") == (quantization.METHODS["int8-wo"], False)
+    assert quantization.parse("int8-wo:kernel") == (quantization.METHODS["int8-wo"], True)
+    assert quantization.is_kernel("int4-wo:kernel") and not quantization.is_kernel("int4-wo")
+    assert not quantization.is_kernel(None)
+    assert set(quantization.names()) >= {"int8-wo", "int4-wo", "quanto-int8", "quanto-int4", "int8-dyn:kernel",
+                                         "bnb-nf4:kernel"}
+    assert "int8-dyn" not in quantization.names()
 
 
 def test_study_refuses_before_generating(monkeypatch):
@@ -47,12 +65,12 @@ def test_study_refuses_before_generating(monkeypatch):
 
     calls = []
     monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a) or pl.DataFrame())
-    specs = study.conditions(model=MODEL, formats=["int8-wo", "bnb-nf4"], n_problems=2)
+    specs = study.conditions(study.Params(model=MODEL, formats=("int8-wo", "bnb-nf4:kernel"), n_problems=2))
     with pytest.raises(quantization.QuantizationUnavailable, match="bnb-nf4"):
         study.run(specs, progress=False)
     assert calls == []
     with pytest.raises(ValueError, match="not a method"):
-        study.run(study.conditions(model=MODEL, formats=["int2"]), progress=False)
+        study.run(study.conditions(study.Params(model=MODEL, formats=("int2",))), progress=False)
     assert calls == []
 
 
@@ -77,11 +95,11 @@ def fp32_model():
     "method, value_dtype, max_bits, max_ratio",
     [
         # int8 + one fp32 scale (and int8 zero) per output row: just over 8 bits per weight.
-        ("int8-wo", "int8", 8.2, 0.45),
+        ("int8-wo:kernel", "int8", 8.2, 0.45),
         # 4-bit values in int8 containers + fp32 scale and int8 zero per 32 weights: 9.25 bits.
-        ("int4-wo", "int8", 9.5, 0.47),
+        ("int4-wo:kernel", "int8", 9.5, 0.47),
         # two 4-bit values per byte + fp32 scale and shift per 128 weights (and padding): 4.625 bits.
-        ("quanto-int4", "uint8", 4.7, 0.35),
+        ("quanto-int4:kernel", "uint8", 4.7, 0.35),
     ],
 )
 def test_linear_weights_stored_in_low_precision(fp32_model, method, value_dtype, max_bits, max_ratio):
@@ -97,7 +115,7 @@ def test_linear_weights_stored_in_low_precision(fp32_model, method, value_dtype,
     leaves = list(quantization._leaves(model.model.layers[3].mlp.up_proj.weight))
     assert str(max(leaves, key=lambda t: t.numel()).dtype).removeprefix("torch.") == value_dtype
     assert report["bits_per_block_weight"] <= max_bits
-    if method == "int4-wo":  # 16 levels, not 256
+    if method == "int4-wo:kernel":  # 16 levels, not 256
         lo, hi = report["int8_container_value_range"]
         assert -8 <= lo and hi <= 7 and hi - lo >= 14
     # memory of parameters + buffers drops (embeddings and lm_head stay fp32)
@@ -145,9 +163,54 @@ def test_greedy_int8_tracks_fp32_and_int4_runs_in_the_backend():
     assert min(prefix) >= 6, prefix
     assert sum(p >= n for p in prefix) >= 2, prefix
 
-    int4, info_int4 = _greedy(ModelSpec(name=MODEL, quantization="quanto-int4"), prompts[:1], 8)
+    int4, info_int4 = _greedy(ModelSpec(name=MODEL, quantization="quanto-int4:kernel"), prompts[:1], 8)
     assert len(int4[0]) == 8
     assert info_int4.extra["quantization"]["linear_storage_dtypes"].get("uint8")
+    assert info_int4.extra["forward"] == "transformers"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, levels_per_row", [("int8-wo", 256), ("int4-wo", 16 * 576 // 32), ("quanto-int4", None)])
+def test_simulated_weights_are_the_formats_own_values(fp32_model, method, levels_per_row):
+    """A simulated format holds, in float32 plain linears, exactly the values its kernel form
+    stores (the library's own dequantization), and records the quantized model's memory."""
+    kernel_model, kernel_report = quantization.apply(fp32_model(), method + ":kernel", "cpu")
+    sim_model, sim_report = quantization.apply(fp32_model(), method, "cpu")
+    layer = "model.layers.3.mlp.up_proj"
+    sim_w = sim_model.get_submodule(layer).weight
+    assert type(sim_model.get_submodule(layer)) is torch.nn.Linear and type(sim_w.data) is torch.Tensor
+    assert sim_w.dtype == torch.float32
+    assert torch.equal(sim_w, kernel_model.get_submodule(layer).weight.dequantize())
+    original = fp32_model().get_submodule(layer).weight
+    assert not torch.equal(sim_w, original)
+    if levels_per_row is not None:  # a row holds at most 2^bits values per scale group
+        assert max(len(torch.unique(row)) for row in sim_w) <= levels_per_row
+    assert sim_report["form"] == "simulated" and kernel_report["form"] == "kernel"
+    assert sim_report["linear_layers_dequantized"] == sim_report["linear_layers"] - 1  # all but lm_head
+    assert sim_report["memory_bytes_after"] == kernel_report["memory_bytes_after"]
+    assert sim_report["memory_bytes_running"] == quantization.memory_bytes(sim_model)
+    assert quantization.linear_storage(sim_model)["share_low_precision"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("formats", [("int8-wo", "int4-wo"), ("int8-wo:kernel",)])
+def test_every_condition_of_a_study_runs_through_one_forward(tmp_path, formats):
+    """run.json's forward is the same for the baseline and every format of a study: the
+    lean forward for simulated formats on CPU, transformers' modules when a kernel form is in."""
+    from thinklab.store import RunStore
+    from thinklab.studies import quantization as study
+
+    specs = study.conditions(study.Params(model=MODEL, task="rg:basic_arithmetic", formats=formats, n_problems=2, max_tokens=6))
+    df = study.run(specs, progress=False, runs_root=tmp_path)
+    assert df["format"].n_unique() == len(formats) + 1
+    recorded = {}
+    for spec in specs:
+        meta = RunStore(runner.run_dir(spec, tmp_path)).read_meta()
+        assert meta["backend"]["forward"] == meta["resolved"]["forward"]
+        recorded[spec.model.quantization] = meta["resolved"]["forward"]
+    assert len(set(recorded.values())) == 1, recorded
+    expected = "transformers" if any(quantization.is_kernel(f) for f in formats) else "lean-"
+    assert recorded[None].startswith(expected), recorded
 
 
 # --------------------------------------------------------------------------- analysis, by hand

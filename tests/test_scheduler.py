@@ -23,7 +23,8 @@ from thinklab.backends.base import Backend, Request
 from thinklab.backends.lean import KVCache
 from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
 from thinklab.generation import generate_traces
-from thinklab.runner import phase_markers
+from thinklab.store import RunStore
+from thinklab.rows import phase_markers
 
 TRACE_ATOL = 1e-4  # float rounding between a call continued in its row and the same call prefilled
 RARE_LOGPROB = -4.0  # a draw this unlikely lands where the CDF is dense with tiny masses
@@ -165,7 +166,7 @@ def test_runs_of_a_study_served_together_equal_each_run_alone(fast_backend, tmp_
         alone = runner.run(spec, runs_root=tmp_path / "alone", backend=fast_backend, progress=False)
         assert df.height == alone.height == 4
         assert df.equals(alone)
-    meta = runner.RunStore(runner.run_dir(specs[0], tmp_path / "together")).read_meta()
+    meta = RunStore(runner.run_dir(specs[0], tmp_path / "together")).read_meta()
     assert meta["status"] == "complete" and meta["scheduler"]["runs_served_together"] == 2
     assert meta["backend"]["max_batch_size"] == fast_backend.max_batch_size and meta["backend"]["batch_size_rule"]
 

@@ -17,9 +17,11 @@ from thinklab.tracing import PhaseMarkers, boundary_char, split_text
 
 
 def test_run_id_is_a_content_hash():
+    from thinklab.runner import run_id
+
     a, b = RunSpec(), RunSpec()
-    assert a.run_id == b.run_id and len(a.run_id) == 16
-    assert a.replace(**{"sampling.temperature": 0.5}).run_id != a.run_id
+    assert run_id(a) == run_id(b) and len(run_id(a)) == 16
+    assert run_id(a.replace(**{"sampling.temperature": 0.5})) != run_id(a)
     assert RunSpec.from_dict(json.loads(json.dumps(a.to_dict()))) == a
 
 

@@ -83,7 +83,7 @@ def vllm_backend():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the module needs a few thousand tokens
     from thinklab.backends.vllm import VLLMBackend
 
-    backend = VLLMBackend(ModelSpec(name="default", backend="vllm"), entropy_top_k=20)
+    backend = VLLMBackend(ModelSpec(name="default", backend="vllm", entropy_top_k=20))
     yield backend
     backend.close()
 

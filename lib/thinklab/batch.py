@@ -9,14 +9,27 @@ an executed notebook `<out>/<sweep>/<set>.ipynb` that is never edited afterwards
 index (`index.parquet` and a readable `index.md` beside the notebooks) records each
 set's parameters, their hash, status, duration, error and the figures it exported.
 
+Every parameter value is also checked against the type of the notebook's own default
+(an int parameter refuses YAML's `1e3`, which YAML 1.1 reads as a string; a list parameter
+refuses a string), and the sweep file itself must be valid YAML without duplicate keys.
+
 Re-running a sweep skips every set that already succeeded with the same parameter hash
 and whose executed notebook still exists, and retries the rest; `force=True` reruns all.
+
+Killing a sweep kills its work: the pool workers and their Jupyter kernels die with the
+batch process (a Linux parent-death signal, see `thinklab.lifeline`). A running sweep
+holds an exclusive lock on its out folder, so a second `thinklab batch` of it is refused,
+and its workers hold a shared lock that a rerun waits on, so it never races an orphan.
+An executed notebook is written under a temporary name and renamed when its execution
+ends; the temporary files of a killed sweep are removed by the next run.
 
 Optional keys: `name` (default: the file's stem), `out_dir` (default: `out/` beside the
 sweep file), `separate_figures` (default true: each set's figures go to
 figures/<study>/<sweep>/<set>/ so sets never overwrite each other; false writes
 straight to figures/<study>/), `timeout` (seconds per cell, default none), `kernel`
-(default: the notebook's own kernelspec).
+(default: the notebook's own kernelspec), `executor` (`local`, the default, or `ray`: each
+set a Ray task, see `thinklab.ray_executor`) and `ray` (its `address`, `cpus` and `gpus`
+per set, `max_retries`).
 
 This module knows nothing about studies: it sees a notebook, its parameters cell and
 files. Generation caching is the notebook's business (runs are content-addressed).
@@ -26,9 +39,12 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures as cf
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -42,7 +58,7 @@ from typing import Any
 import polars as pl
 import yaml
 
-from thinklab import paths
+from thinklab import lifeline, paths
 
 INDEX_SCHEMA = {
     "set": pl.String,
@@ -59,7 +75,12 @@ INDEX_SCHEMA = {
     "notebook": pl.String,  # the executed notebook
 }
 
-_SWEEP_KEYS = {"name", "notebook", "parameters", "sets", "grid", "out_dir", "separate_figures", "timeout", "kernel"}
+_SWEEP_KEYS = {"name", "notebook", "parameters", "sets", "grid", "out_dir", "separate_figures", "timeout", "kernel",
+               "executor", "ray"}
+EXECUTORS = ("local", "ray")
+LOCK = ".sweep.lock"  # held exclusively by the live `thinklab batch` of this out folder
+WORKERS_LOCK = ".workers.lock"  # held shared by each of its workers while it runs a set
+ORPHAN_WAIT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,8 @@ class Sweep:
     timeout: float | None = None
     kernel: str | None = None
     known_parameters: dict[str, str] = field(default_factory=dict)  # name -> default (source text)
+    executor: str = "local"
+    ray: Any = None  # thinklab.ray_executor.RayOptions when executor is "ray"
 
 
 # ---------------------------------------------------------------- parameters cell
@@ -89,16 +112,28 @@ def notebook_parameters(notebook: Path | str) -> dict[str, str]:
     """Names assigned in the notebook's `parameters` cell -> their default as source text.
 
     Parsed with `ast` rather than `papermill.inspect_notebook`, whose line parser drops
-    parameters whose comment holds parentheses or quotes.
+    parameters whose comment holds parentheses or quotes. A version-4 notebook is read as
+    plain JSON: importing nbformat (and its schema validator) takes seconds, and every
+    sweep file is checked before anything runs.
     """
-    import nbformat
+    try:
+        nb = json.loads(Path(notebook).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{notebook} is not a notebook (not valid JSON: {exc})") from None
+    if not isinstance(nb, dict) or nb.get("nbformat") != 4 or not isinstance(nb.get("cells"), list):
+        import nbformat
 
-    nb = nbformat.read(str(notebook), as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            source = cell.source
+        nb = nbformat.read(str(notebook), as_version=4)
+    for cell in nb["cells"]:
+        if cell.get("cell_type") == "code" and "parameters" in (cell.get("metadata") or {}).get("tags", []):
+            source = cell.get("source", "")
+            source = "".join(source) if isinstance(source, list) else source
             out: dict[str, str] = {}
-            for node in ast.parse(source).body:
+            try:
+                body = ast.parse(source).body
+            except SyntaxError as exc:
+                raise ValueError(f"{notebook}: its parameters cell is not valid Python (line {exc.lineno}: {exc.msg})") from None
+            for node in body:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
                 value = getattr(node, "value", None)
                 for target in targets:
@@ -166,10 +201,120 @@ def _raw_sets(spec: dict, where: Path) -> list[tuple[str | None, dict[str, Any]]
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys silently, so a repeated `sets:` would drop
+    every set written under the first one.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1}); give each key once",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_sweep_file(path: Path) -> Any:
+    """The YAML document of a sweep file; ValueError naming the file, line and column when it is not valid."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sweep file {path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"sweep {path}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise ValueError(f"sweep {where}: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"sweep {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
+def _kind(value: Any) -> str:
+    """The type a notebook default declares, in words: 'int', 'float', 'list of int or None'."""
+    if value is None:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        inner = sorted({_kind(v) for v in value}, key=lambda k: (k == "None", k))
+        return f"list of {' or '.join(inner)}" if inner else "list"
+    return type(value).__name__
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether `value` has the type of the notebook default `default` (None: anything)."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if not default:
+            return True
+        return all(any(_fits_item(v, d) for d in default) for v in value)
+    return isinstance(value, type(default))
+
+
+def _fits_item(value: Any, default: Any) -> bool:
+    return value is None if default is None else _fits(value, default)
+
+
+def _check_types(path: Path, where: str, parameters: dict[str, Any], declared: dict[str, str], notebook: Path) -> None:
+    for name, value in parameters.items():
+        try:
+            default = ast.literal_eval(declared[name])
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue  # not a literal default: nothing to compare with
+        if _fits(value, default):
+            continue
+        hint = ""
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            hint = (f"; YAML reads {value!r} as a string: write a plain number"
+                    + (" such as 1000 (not 1e3)" if re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", value.strip()) else ""))
+        elif isinstance(value, str) and isinstance(default, (list, tuple)):
+            hint = "; write a YAML list, e.g. [8, 16], not a quoted string"
+        elif isinstance(value, float) and not math.isfinite(value):
+            hint = "; NaN and infinity are not valid"
+        what = f"is {_article(type(value).__name__)}"
+        if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+            bad = next(v for v in value if not any(_fits_item(v, d) for d in default))
+            what = f"holds {bad!r}, {_article(type(bad).__name__)}"
+        raise ValueError(f"sweep {path}: parameter {name}={value!r} in {where} {what}, but {notebook.name} "
+                         f"declares `{name} = {declared[name]}` ({_article(_kind(default))}){hint}")
+
+
+def _article(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+_TOP_TYPES = {"name": (str, int), "notebook": (str,), "parameters": (dict, type(None)), "out_dir": (str,),
+              "separate_figures": (bool,), "timeout": (int, float, type(None)), "kernel": (str, type(None))}
+
+
 def load_sweep(path: Path | str, out_dir: Path | str | None = None) -> Sweep:
     """Read and validate a sweep file; raises ValueError before anything runs."""
     path = Path(path).resolve()
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_sweep_file(path)
+    spec = {} if spec is None else spec
     if not isinstance(spec, dict):
         raise ValueError(f"sweep {path}: expected a mapping at the top level")
     unknown_keys = set(spec) - _SWEEP_KEYS
@@ -177,6 +322,12 @@ def load_sweep(path: Path | str, out_dir: Path | str | None = None) -> Sweep:
         raise ValueError(f"sweep {path}: unknown key(s) {sorted(unknown_keys)}; valid keys: {sorted(_SWEEP_KEYS)}")
     if "notebook" not in spec:
         raise ValueError(f"sweep {path}: `notebook` is required")
+    for key, kinds in _TOP_TYPES.items():
+        if key in spec and (not isinstance(spec[key], kinds) or (bool not in kinds and isinstance(spec[key], bool))):
+            valid = " or ".join("a mapping" if k is dict else "null" if k is type(None) else f"a {k.__name__}" for k in kinds)
+            raise ValueError(f"sweep {path}: `{key}` is {spec[key]!r}; it must be {valid}")
+    if spec.get("timeout") is not None and not spec["timeout"] > 0:
+        raise ValueError(f"sweep {path}: `timeout` is {spec['timeout']!r}; give seconds per cell (> 0) or leave it out")
     notebook = _resolve_notebook(str(spec["notebook"]), path)
     known = notebook_parameters(notebook)
     shared = dict(spec.get("parameters") or {})
@@ -198,19 +349,54 @@ def load_sweep(path: Path | str, out_dir: Path | str | None = None) -> Sweep:
             where = "shared parameters" if set(unknown) <= set(shared) - set(own) else f"set {set_name!r}"
             raise ValueError(f"sweep {path}: unknown parameter(s) {', '.join(unknown)} in {where}; "
                              f"{notebook.name} accepts: {', '.join(known)}")
+        _check_types(path, "shared parameters", {k: v for k, v in shared.items() if k not in own}, known, notebook)
+        _check_types(path, f"set {set_name!r}", own, known, notebook)
         sets.append(ParameterSet(set_name, parameters, param_hash(notebook, parameters)))
 
     base = Path(out_dir) if out_dir else Path(spec.get("out_dir") or "out")
     if not base.is_absolute():
         base = path.parent / base
     timeout = spec.get("timeout")
+    executor = spec.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise ValueError(f"sweep {path}: executor={executor!r} is not valid; choose one of {', '.join(EXECUTORS)}")
+    from thinklab.ray_executor import RayOptions
+
+    ray_options = RayOptions.from_dict(spec.get("ray"), f"sweep {path}")
     return Sweep(name=name, path=path, notebook=notebook, out_dir=(base / name).resolve(), sets=tuple(sets),
                  separate_figures=bool(spec.get("separate_figures", True)),
                  timeout=float(timeout) if timeout is not None else None, kernel=spec.get("kernel"),
-                 known_parameters=known)
+                 known_parameters=known, executor=executor, ray=ray_options)
 
 
 # ---------------------------------------------------------------- execution (one process per set)
+
+
+_held_locks: list = []  # a worker's shared lock on its sweep's out folder, held until the process ends
+
+
+def _worker_init(batch_pid: int, workers_lock: str) -> None:
+    """Runs first in each pool worker: die with the batch process, and mark the out folder busy."""
+    lifeline.die_with_parent(batch_pid)
+    handle = open(workers_lock, "a")
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    _held_locks.append(handle)
+
+
+def _tied_kernel_manager():
+    """A Jupyter kernel manager whose kernels are killed when the worker that started them dies.
+
+    jupyter_client starts each kernel in a session of its own, out of reach of signals to
+    the worker's process group; the kernel command is wrapped so that it arms a
+    parent-death signal before it becomes the kernel.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class TiedKernelManager(AsyncKernelManager):
+        def format_kernel_cmd(self, extra_arguments=None):
+            return lifeline.tied_command(super().format_kernel_cmd(extra_arguments))
+
+    return TiedKernelManager
 
 
 def _execute(job: dict) -> dict:
@@ -232,14 +418,23 @@ def _execute(job: dict) -> dict:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     status, error, error_cell = "ok", None, None
+    output = Path(job["output"])
+    # papermill rewrites the notebook after every cell: a temporary name until the end, so the
+    # executed notebook is only ever a whole record of one execution
+    partial = output.with_name(f".{output.stem}.tmp-{os.getpid()}.ipynb")
     try:
-        pm.execute_notebook(job["notebook"], job["output"], parameters=job["parameters"], cwd=job["cwd"],
+        pm.execute_notebook(job["notebook"], str(partial), parameters=job["parameters"], cwd=job["cwd"],
                             kernel_name=job["kernel"], execution_timeout=job["timeout"],
-                            progress_bar=False, log_output=False, report_mode=False)
+                            progress_bar=False, log_output=False, report_mode=False,
+                            kernel_manager_class=_tied_kernel_manager())
     except pm.PapermillExecutionError as exc:
         status, error, error_cell = "failed", f"{exc.ename}: {exc.evalue}", int(exc.cell_index)
     except BaseException as exc:  # kernel death, timeouts, bad output path: still one row, never a crash
         status, error = "failed", f"{type(exc).__name__}: {exc}"
+    if partial.exists():
+        os.replace(partial, output)
+    else:  # nothing executed: an older notebook under this name would describe another execution
+        output.unlink(missing_ok=True)
     figures: list[str] = []
     if figure_log.exists():
         figures = list(dict.fromkeys(line for line in figure_log.read_text().splitlines() if line))
@@ -274,7 +469,7 @@ def write_index(sweep: Sweep, rows: list[dict]) -> pl.DataFrame:
     """Write index.parquet and index.md (atomically, so a crash leaves the previous one)."""
     frame = _frame(rows)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep.out_dir / ".index.parquet.tmp"
+    tmp = sweep.out_dir / f".index.parquet.tmp-{os.getpid()}"
     frame.write_parquet(tmp)
     tmp.replace(sweep.out_dir / "index.parquet")
 
@@ -297,7 +492,7 @@ def write_index(sweep: Sweep, rows: list[dict]) -> pl.DataFrame:
     shared = {k: v for k, v in (sweep.sets[0].parameters.items() if sweep.sets else []) if k not in varying}
     if shared:
         lines += ["", f"Shared parameters: `{json.dumps(shared, default=str)}`"]
-    tmp_md = sweep.out_dir / ".index.md.tmp"
+    tmp_md = sweep.out_dir / f".index.md.tmp-{os.getpid()}"
     tmp_md.write_text("\n".join(lines) + "\n")
     tmp_md.replace(sweep.out_dir / "index.md")
     return frame
@@ -307,10 +502,56 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: Path | str | None = None) -> pl.DataFrame:
-    """Run every set of the sweep file that needs running; return the index (one row per set)."""
+@contextlib.contextmanager
+def _own_out_dir(out_dir: Path):
+    """Hold the sweep's out folder: refuse a second live batch, wait out dying workers, clear their leftovers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RuntimeError(f"{out_dir} is in use by a running `thinklab batch` ({holder}); "
+                               f"wait for it to finish or stop it, then rerun") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        with open(out_dir / WORKERS_LOCK, "a") as workers:
+            # workers of a killed batch hold this shared; they die with it, but never race one that has not yet
+            deadline = time.monotonic() + ORPHAN_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(workers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"workers of an earlier `thinklab batch` still run in {out_dir} "
+                                           f"(`fuser {out_dir / WORKERS_LOCK}` names them); stop them, then rerun") from None
+                    time.sleep(0.2)
+            fcntl.flock(workers, fcntl.LOCK_UN)
+        for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob(".*.figures")]:
+            stale.unlink(missing_ok=True)  # a killed execution's partial notebook, index or figure log
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: Path | str | None = None,
+              executor: str | None = None, address: str | None = None) -> pl.DataFrame:
+    """Run every set of the sweep file that needs running; return the index (one row per set).
+
+    `executor` and `address` override the sweep file's `executor` and `ray.address`."""
     sweep = load_sweep(path, out_dir=out_dir)  # all validation happens here, before any kernel starts
-    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    if executor is not None and executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not valid; choose one of {', '.join(EXECUTORS)}")
+    with _own_out_dir(sweep.out_dir):
+        return _run_sets(sweep, workers, force, executor or sweep.executor, address)
+
+
+def _run_sets(sweep: Sweep, workers: int, force: bool, executor: str = "local", address: str | None = None) -> pl.DataFrame:
     previous = _read_index(sweep.out_dir)
     rows: dict[str, dict] = {}
     todo: list[ParameterSet] = []
@@ -341,12 +582,31 @@ def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: 
         "figure_subdir": f"{sweep.name}/{ps.name}" if sweep.separate_figures else "",
         "threads": max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None,
     } for ps in todo]
-    if jobs:
+    def record(job: dict, result: dict, done: int) -> None:
+        row = rows[job["set"]]
+        row.update(result, action="ran", runs=(row.get("runs") or 0) + 1)
+        tail = f"{len(row['figures'])} figure files" if row["status"] == "ok" else _md_cell(row["error"], 200)
+        _log(f"[batch] {done}/{len(jobs)} {job['set']}: {row['status']} in {row['duration_s'] or 0:.1f} s; {tail}")
+        write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+
+    if jobs and executor == "ray":
+        import dataclasses
+
+        from thinklab import ray_executor
+
+        options = dataclasses.replace(sweep.ray, address=address) if address else sweep.ray
+        _log(f"[batch]   {len(jobs)} sets as Ray tasks ({options.cpus} CPU, {options.gpus} GPU each) on "
+             f"{options.address or 'a local Ray'}")
+        for done, (job, result) in enumerate(ray_executor.run_jobs(jobs, _execute, options), start=1):
+            record(job, result, done)
+    elif jobs:
         # spawn: a fresh interpreter per set, so its environment (figure routing) and kernel are its own
         context = multiprocessing.get_context("spawn")
         done = 0
         pool_options = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
         with cf.ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context,
+                                    initializer=_worker_init,
+                                    initargs=(os.getpid(), str(sweep.out_dir / WORKERS_LOCK)),
                                     **pool_options) as pool:
             futures = {}
             for job in jobs:
@@ -361,11 +621,7 @@ def run_sweep(path: Path | str, workers: int = 1, force: bool = False, out_dir: 
                         result = {"set": job["set"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                   "figures": [], "started": None, "duration_s": None, "error_cell": None}
                     done += 1
-                    row = rows[job["set"]]
-                    row.update(result, action="ran", runs=(row.get("runs") or 0) + 1)
-                    tail = f"{len(row['figures'])} figure files" if row["status"] == "ok" else _md_cell(row["error"], 200)
-                    _log(f"[batch] {done}/{len(jobs)} {job['set']}: {row['status']} in {row['duration_s'] or 0:.1f} s; {tail}")
-                    write_index(sweep, [rows[ps.name] for ps in sweep.sets])
+                    record(job, result, done)
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

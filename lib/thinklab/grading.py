@@ -1,17 +1,26 @@
 """Grading: extract the answer from a generation and decide whether it matches the gold.
 
-`grade(text, gold, task)` is a pure function of its three strings. It knows nothing about
-models, prompts or files; the only thing it needs from a task is its name (which says
-whether the item comes from reasoning-gym and so carries its own scorer).
+`grade(text, gold, task, finish_reason=..., lenient_truncated=..., think_start=..., think_end=...)`
+is a pure function of its arguments. It knows nothing about models, prompts or files; the
+only thing it needs from a task is its name (which says whether the item comes from
+reasoning-gym and so carries its own scorer).
+
+What is graded: the answer phase. When the text holds the end-of-thinking tag, only what
+follows it; when it opens thinking and never closes it, nothing (an answer seen only while
+thinking is not the model's final answer); otherwise the whole text.
 
 Extraction (first that fires wins; `Grade.extractor` records which):
     boxed        the last complete `\\boxed{...}` (or `\\fbox`, `\\framebox`), nested braces
     ####         the last `#### N` (GSM8K worked-solution style)
-    answer_is    the last "the (final) answer is ..." / "Final answer: ..."
+    answer_is    the last "the (final) answer is ..." / "Final answer: ..." in the text
     choice       a multiple-choice letter, when the gold is a letter ("C", "(C)", "\\text{(C)}")
     last_number  the last number in the text
 reasoning-gym items also try `<answer>...</answer>` after `boxed`, and fall back to the
-last non-empty line where the gold is not a number (`last_line`).
+last non-empty line where the gold is not a number (`last_line`). The first four (and
+`answer_tag`) are final-answer markers; the others are fallbacks. A sample cut at
+`max_tokens` (finish_reason "length") whose answer phase has no final-answer marker is
+incorrect with extractor `none_truncated`, unless `lenient_truncated` restores the fallbacks
+(lm-eval's flexible-extract).
 
 Equivalence, cheapest first: normalized string equality; exact decimal equality when
 both sides are plain numbers; otherwise math-verify (`verify(parse(gold), parse(pred))`)
@@ -21,10 +30,18 @@ sympy computation can never hang the caller; it works from any thread (no signal
 reasoning-gym items are scored by the generator's own `score_answer` in the same worker,
 under the same deadline; only a score of 1.0 counts as correct.
 
+Model text never runs as code. Some reasoning-gym scorers `eval` their answer (directly or
+through sympy's `parse_expr`); the worker finds them by reading reasoning-gym's source
+(`thinklab.scorer_safety`) and checks their answers against a strict arithmetic grammar
+first: an answer outside it is incorrect with extractor `refused_grammar` and never reaches
+the scorer. While it serves a request, the worker also refuses, through an audit hook,
+to start processes, write files, open sockets or load native libraries.
+
 Before anything symbolic, cheap pre-checks reject predictions that are too long
-(`MAX_VERIFY_CHARS`), too deeply nested (`MAX_BRACE_DEPTH`) or carry a huge exponent or
-factorial: they grade incorrect without reaching sympy (unless they equal the gold as
-strings). Bound per `grade()` call: `VERIFY_TIMEOUT_S` plus, only when the worker is not
+(`MAX_VERIFY_CHARS`), too deeply nested (`MAX_BRACE_DEPTH`) or that would build a number of
+more than `MAX_POWER_DIGITS` digits (`2^{99999999}`; a power of 0, 1 or -1 passes) or a
+4+-digit factorial: they grade incorrect without reaching sympy (unless they equal the gold
+as strings). Bound per `grade()` call: `VERIFY_TIMEOUT_S` plus, only when the worker is not
 already running, its start (math-verify import, about 2 s; capped at `STARTUP_TIMEOUT_S`).
 """
 
@@ -32,6 +49,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -39,17 +57,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-GRADER_VERSION = "1"
+GRADER_VERSION = "2"
 
 VERIFY_TIMEOUT_S = 5.0  # wall-clock deadline of one math-verify or reasoning-gym scorer call
 STARTUP_TIMEOUT_S = 60.0  # deadline for the worker to import math-verify (and reasoning-gym)
 MAX_VERIFY_CHARS = 600  # longer predictions are compared as strings only (longest MATH-500 answer: 53)
 MAX_BRACE_DEPTH = 24  # deeper {...} nesting is compared as strings only
+MAX_POWER_DIGITS = 10_000  # a literal power whose value would have more digits is not evaluated
 WORKER_MEMORY_BYTES = 4 << 30  # address-space cap of the verifier process
 RETRY_START_AFTER_S = 30.0  # after a failed start, grade without the verifier for this long
 
@@ -58,8 +78,24 @@ RETRY_START_AFTER_S = 30.0  # after a failed start, grade without the verifier f
 class Grade:
     pred: str  # the extracted answer ("" when nothing was found)
     correct: bool
-    extractor: str  # boxed, ####, answer_is, answer_tag, choice, last_number, last_line or none
+    extractor: str  # boxed, ####, answer_is, answer_tag, choice, last_number, last_line, none,
+    # none_truncated (cut at max_tokens without a final answer) or refused_grammar (see scorer_safety)
     detail: str = ""  # how equivalence was decided: string, numeric, math-verify, rg-score=..., timeout, ...
+
+
+THINK_START, THINK_END = "<think>", "</think>"
+FINAL_ANSWER_EXTRACTORS = frozenset({"boxed", "answer_tag", "####", "answer_is"})  # the rest are fallbacks
+
+
+def answer_phase(text: str, think_start: str | None = THINK_START, think_end: str | None = THINK_END) -> str:
+    """The part of `text` that is graded: after the end-of-thinking tag; "" when thinking never ends."""
+    if think_end:
+        pos = text.find(think_end)
+        if pos >= 0:
+            return text[pos + len(think_end) :]
+    if think_start and text.lstrip().startswith(think_start):
+        return ""
+    return text
 
 
 # --------------------------------------------------------------------------- extraction
@@ -68,8 +104,10 @@ _BOX_OPEN = re.compile(r"\\(?:boxed|fbox|framebox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed\s+([^\s${}]+)")  # `\boxed 5`
 _BRACE = re.compile(r"(?<!\\)[{}]")  # `\{` and `\}` are literal braces in LaTeX, not groups
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
-# One character class after "is" keeps backtracking linear on long runs of blanks.
-_ANSWER_IS = re.compile(r"(?i)(?:final\s+answer|\banswer)\**[ \t]*(?:is|:|=)[\s:*]*(\S[^\n]*)")
+# One character class after "is" keeps backtracking linear on long runs of blanks. The
+# capture is only the marker: the answer is read from its end, so a later marker on the
+# same line ("the answer is 5. Wait, no, the answer is 7.") is found, and wins.
+_ANSWER_IS = re.compile(r"(?i)(?:final\s+answer|\banswer)\**[ \t]*(?:is|:|=)[\s:*]*(?=\S)")
 MAX_PHRASE_CHARS = 1000  # an "answer is ..." capture is cut to this before any further regex
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _CHOICE_GOLD = re.compile(r"^\s*(?:\\text\{\s*)?\(?\s*([A-J])\s*\)?\s*\}?\s*$")
@@ -149,9 +187,11 @@ def extract_answer(text: str, choices: bool = False, rg: bool = False, numeric_g
     hashes = _HASHES.findall(text)
     if hashes and hashes[-1].strip():
         return _clean_phrase(hashes[-1]), "####"
-    said = _ANSWER_IS.findall(text)
-    if said:
-        phrase = _clean_phrase(said[-1])
+    last = deque(_ANSWER_IS.finditer(text), maxlen=1)  # the last marker, in O(1) memory
+    if last:
+        said = last[0]
+        end = text.find("\n", said.end())
+        phrase = _clean_phrase(text[said.end() : end if end >= 0 else len(text)][:MAX_PHRASE_CHARS])
         if phrase:
             if choices and (letter := _choice_letter(phrase)):
                 return letter, "answer_is"
@@ -179,7 +219,9 @@ _STRIP_TOKENS = re.compile(
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _PLAIN_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
-_HUGE = re.compile(r"(?:\^|\*\*)\s*\{?\s*\(?\s*[-+]?\d{5,}|\d{4,}\s*!|\\(?:times|cdot)\s*10\s*\^\s*\{?\s*[-+]?\d{4,}")
+_POWER = re.compile(r"(?:\^|\*\*)\s*\{?\s*\(?\s*([-+]?\d+(?:\.\d+)?)")  # an operator and a literal exponent
+_POWER_BASE = re.compile(r"(?:\(\s*([-+]?\d+(?:\.\d+)?)\s*\)|\{\s*([-+]?\d+(?:\.\d+)?)\s*\}|(?<![\w.])([-+]?\d+(?:\.\d+)?))\s*$")
+_FACTORIAL = re.compile(r"\d{4,}\s*!")
 
 
 def _normalize(s: str) -> str:
@@ -214,12 +256,42 @@ def _brace_depth(s: str) -> int:
     return best
 
 
+def _power_digits(base: str, exponent: str) -> float:
+    """Decimal digits of base**exponent (of its denominator for |base| < 1), from logarithms."""
+    b, e = abs(float(base)), abs(float(exponent))
+    if b == 0.0 or b == 1.0:
+        return 0.0
+    if math.isinf(b) or math.isinf(e):
+        return math.inf
+    return e * abs(math.log10(b))
+
+
+def _huge_number(s: str) -> bool:
+    """Whether `s` writes a power or factorial whose value is too large to build.
+
+    A literal base is judged by the digits of the result (`1^{235423523}` and `(-1)^{10^9}`
+    are small); any other base (a symbol, a group) by the exponent alone (5+ digits).
+    """
+    if _FACTORIAL.search(s):
+        return True
+    for m in _POWER.finditer(s):
+        exponent = m.group(1).replace(" ", "")
+        window = s[max(0, m.start() - 40) : m.start()]
+        base = _POWER_BASE.search(window)
+        if base is not None:
+            if _power_digits(next(g for g in base.groups() if g is not None), exponent) > MAX_POWER_DIGITS:
+                return True
+        elif len(exponent.lstrip("+-").split(".")[0]) >= 5:
+            return True
+    return False
+
+
 def _too_complex(pred: str) -> str | None:
     if len(pred) > MAX_VERIFY_CHARS:
         return "too-long"
     if _brace_depth(pred) > MAX_BRACE_DEPTH:
         return "too-deep"
-    if _HUGE.search(pred):
+    if _huge_number(pred):
         return "huge-number"
     return None
 
@@ -256,7 +328,15 @@ def _rg_pred_cleanup(pred: str, gold_answer: str) -> str:
     return s
 
 
-def _grade_rg(text: str, gold: str) -> Grade | None:
+def _truncated_without_answer(extractor: str, pred: str, truncated: bool) -> Grade | None:
+    """The grade of a sample cut at max_tokens whose answer came only from a fallback."""
+    if truncated and extractor not in FINAL_ANSWER_EXTRACTORS:
+        fallback = f"; {extractor} would give {pred[:40]!r}" if pred else ""
+        return Grade("", False, "none_truncated", f"cut at max_tokens with no final answer{fallback}")
+    return None
+
+
+def _grade_rg(text: str, gold: str, truncated: bool) -> Grade | None:
     """Grade with the generator's scorer; None when `gold` is not the JSON tasks.py writes."""
     try:
         entry = json.loads(gold)["entry"]
@@ -264,31 +344,52 @@ def _grade_rg(text: str, gold: str) -> Grade | None:
     except (ValueError, KeyError, TypeError):
         return None
     pred, extractor = extract_answer(text, rg=True, numeric_gold=_as_number(gold_answer.strip()) is not None)
+    if (cut := _truncated_without_answer(extractor, pred, truncated)) is not None:
+        return cut
     if not pred:
         return Grade("", False, extractor, "empty")
     pred = _rg_pred_cleanup(pred, gold_answer)
-    if len(pred) > 4 * len(gold_answer) + MAX_VERIFY_CHARS or _HUGE.search(pred):
+    if len(pred) > 4 * len(gold_answer) + MAX_VERIFY_CHARS or _huge_number(pred):
         return Grade(pred, False, extractor, "too-long" if len(pred) > MAX_VERIFY_CHARS else "huge-number")
-    score = _VERIFIER.call({"op": "rg", "gold": gold, "pred": pred})
-    if isinstance(score, str):
-        return Grade(pred, False, extractor, score)
-    return Grade(pred, float(score) == 1.0, extractor, f"rg-score={float(score):g}")
+    reply = _VERIFIER.call({"op": "rg", "gold": gold, "pred": pred})
+    if isinstance(reply, str):
+        return Grade(pred, False, extractor, reply)
+    if "refused" in reply:
+        return Grade(pred, False, "refused_grammar", f"{extractor} answer refused before the scorer: {reply['refused']}")
+    score = float(reply["score"])
+    return Grade(pred, score == 1.0, extractor, f"rg-score={score:g}")
 
 
 # --------------------------------------------------------------------------- grade
 
 
-def grade(text: str, gold: str, task: str) -> Grade:
-    """Extract the answer from `text` and compare it with `gold` (a pure function)."""
-    text = text or ""
+def grade(
+    text: str,
+    gold: str,
+    task: str,
+    *,
+    finish_reason: str | None = None,
+    lenient_truncated: bool = False,
+    think_start: str | None = THINK_START,
+    think_end: str | None = THINK_END,
+) -> Grade:
+    """Extract the final answer from the answer phase of `text` and compare it with `gold`.
+
+    `finish_reason` "length" marks a sample cut at max_tokens: without a final-answer
+    marker it is incorrect (`none_truncated`) unless `lenient_truncated`.
+    """
+    text = answer_phase(text or "", think_start, think_end)
     gold = "" if gold is None else str(gold)
+    truncated = finish_reason == "length" and not lenient_truncated
     if (task or "").startswith("rg:") and gold.lstrip().startswith("{"):
-        graded = _grade_rg(text, gold)
+        graded = _grade_rg(text, gold, truncated)
         if graded is not None:
             return graded
     # Everything else, including an rg: row whose gold is a bare answer, is graded as math.
     letter = choice_gold(gold)
     pred, extractor = extract_answer(text, choices=letter is not None)
+    if (cut := _truncated_without_answer(extractor, pred, truncated)) is not None:
+        return cut
     if letter is not None:
         picked = _choice_letter(pred) if pred else None
         return Grade(pred, picked == letter, extractor, "choice")
@@ -296,29 +397,38 @@ def grade(text: str, gold: str, task: str) -> Grade:
     return Grade(pred, correct, extractor, detail)
 
 
-def regrade_table(df: Any) -> Any:
-    """Recompute `pred` and `correct` of a sample table from its `text`, `gold` and `task`.
+def regrade_table(
+    df: Any,
+    *,
+    lenient_truncated: bool = False,
+    think_start: str | None = THINK_START,
+    think_end: str | None = THINK_END,
+) -> Any:
+    """Recompute `pred`, `correct` and `extractor` of a sample table from its `text`, `gold`, `task`.
 
-    Returns a new polars DataFrame with those columns replaced and `grader_version` set to
-    `GRADER_VERSION`; every other column is left as it was.
+    The rules are `grade`'s, with each row's `finish_reason` when the table has one; pass
+    the run's own options (its spec's `grading.lenient_truncated` and think tags). Returns
+    a new polars DataFrame with `grader_version` set to `GRADER_VERSION`; every other
+    column is left as it was. Scoring runs in the grading worker, as in `grade`.
     """
     import polars as pl
 
     missing = [c for c in ("text", "gold", "task") if c not in df.columns]
     if missing:
         raise ValueError(f"regrade_table needs columns text, gold and task; missing {', '.join(missing)}")
-    cache: dict[tuple[str, str, str], Grade] = {}
-    preds: list[str] = []
-    correct: list[bool] = []
-    for text, gold, task in df.select("text", "gold", "task").iter_rows():
-        key = (text or "", gold or "", task or "")
+    reasons = df["finish_reason"] if "finish_reason" in df.columns else pl.Series([None] * len(df), dtype=pl.String)
+    cache: dict[tuple[str, str, str, str | None], Grade] = {}
+    graded: list[Grade] = []
+    for (text, gold, task), reason in zip(df.select("text", "gold", "task").iter_rows(), reasons):
+        key = (text or "", gold or "", task or "", reason)
         if key not in cache:
-            cache[key] = grade(*key)
-        preds.append(cache[key].pred)
-        correct.append(cache[key].correct)
+            cache[key] = grade(key[0], key[1], key[2], finish_reason=reason, lenient_truncated=lenient_truncated,
+                               think_start=think_start, think_end=think_end)
+        graded.append(cache[key])
     return df.with_columns(
-        pl.Series("pred", preds, dtype=pl.String),
-        pl.Series("correct", correct, dtype=pl.Boolean),
+        pl.Series("pred", [g.pred for g in graded], dtype=pl.String),
+        pl.Series("correct", [g.correct for g in graded], dtype=pl.Boolean),
+        pl.Series("extractor", [g.extractor for g in graded], dtype=pl.String),
         pl.lit(GRADER_VERSION, dtype=pl.String).alias("grader_version"),
     )
 
@@ -470,8 +580,48 @@ _VERIFIER = _Verifier()
 atexit.register(_VERIFIER.close)
 
 
+# Audit events the worker refuses while it serves a request: nothing it does to grade
+# needs a process, a socket, a native library or a change to the file system.
+_GUARDED_EVENTS = frozenset({
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill", "os.killpg",
+    "subprocess.Popen", "pty.spawn", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
+    "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "os.remove", "os.rmdir",
+    "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime",
+    "os.putenv", "os.unsetenv", "os.chdir", "shutil.rmtree", "shutil.copyfile", "shutil.move",
+    "webbrowser.open", "urllib.Request",
+})
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _install_guard() -> list[bool]:
+    """Add an audit hook refusing `_GUARDED_EVENTS` and writes while `armed[0]`; returns `armed`.
+
+    A second wall behind the answer grammar: an answer that still reached Python's `eval`
+    could compute, but not act. Refusals raise PermissionError (an OSError, which the
+    import system already tolerates when it cannot write a bytecode cache).
+    """
+    armed = [False]
+
+    def hook(event: str, args: tuple) -> None:
+        if not armed[0]:
+            return
+        if event == "open":
+            mode, flags = (args[1], args[2]) if len(args) >= 3 else (None, 0)
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & _WRITE_FLAGS)
+            if not writes:
+                return
+        elif event not in _GUARDED_EVENTS:
+            return
+        raise PermissionError(f"the grading worker refuses {event} while grading")
+
+    sys.addaudithook(hook)
+    return armed
+
+
 def _worker_main() -> None:  # runs in the child process only
     import logging
+    import runpy
 
     try:
         import resource
@@ -487,20 +637,42 @@ def _worker_main() -> None:  # runs in the child process only
 
     from math_verify import parse, verify
 
+    # the sibling file, not `thinklab.scorer_safety`: the worker needs no package on its path
+    safety = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "scorer_safety.py"))
+    armed = _install_guard()
+
     @lru_cache(maxsize=4096)
     def parsed(expr: str) -> Any:
         return parse("\\boxed{" + expr + "}", parsing_timeout=None)
 
     datasets: dict[str, Any] = {}
+    risky: dict[str, list[str]] = {}
 
-    def rg_score(gold: str, pred: str) -> float:
+    def rg_score(gold: str, pred: str) -> dict:
+        import dataclasses
+
         import reasoning_gym
+        from reasoning_gym.factory import DATASETS
 
         spec = json.loads(gold)
-        key = json.dumps([spec["dataset"], spec.get("config", {})], sort_keys=True)
+        name, entry = spec["dataset"], spec["entry"]
+        key = json.dumps([name, spec.get("config", {})], sort_keys=True)
         if key not in datasets:
-            datasets[key] = reasoning_gym.create_dataset(spec["dataset"], **spec.get("config", {}))
-        return float(datasets[key].score_answer(pred, spec["entry"]))
+            datasets[key] = reasoning_gym.create_dataset(name, **spec.get("config", {}))
+        if name not in risky:
+            risky[name] = safety["scan_dataset"](DATASETS[name][0])
+        if risky[name]:
+            config = datasets[key].config
+            names = safety["allowed_names"](str(entry["answer"]), entry.get("metadata"),
+                                            dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {})
+            why = safety["refusal"](pred, names)
+            if why is not None:
+                return {"refused": why}
+        armed[0] = True
+        try:
+            return {"score": float(datasets[key].score_answer(pred, entry))}
+        finally:
+            armed[0] = False
 
     def reply(obj: dict) -> None:
         out.write(json.dumps(obj).encode() + b"\n")
@@ -511,8 +683,12 @@ def _worker_main() -> None:  # runs in the child process only
             request = json.loads(line)
             op = request["op"]
             if op == "verify":
-                gold, pred = parsed(request["gold"]), parsed(request["pred"])
-                result: Any = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+                armed[0] = True
+                try:
+                    gold, pred = parsed(request["gold"]), parsed(request["pred"])
+                    result: Any = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+                finally:
+                    armed[0] = False
             elif op == "rg":
                 result = rg_score(request["gold"], request["pred"])
             elif op == "load_rg":

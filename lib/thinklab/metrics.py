@@ -49,6 +49,7 @@ __all__ = [
     "solve_matrix",
     "coverage",
     "bootstrap_ci",
+    "bootstrap_replicates",
     "paired_bootstrap",
 ]
 
@@ -604,6 +605,21 @@ def _cluster_bootstrap(
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[lo : lo + b, :, v] = num / den
     return out
+
+
+def bootstrap_replicates(per_cluster: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Column means of `per_cluster` (clusters, V) over n_boot resamples of its rows: (n_boot, V).
+
+    Each replicate draws the clusters with replacement (the same draw for every column),
+    as `bootstrap_ci` does. For statistics that are functions of several means at once,
+    where a ratio of sums is not enough: a maximum over conditions, a correlation from
+    its moments, a difference of two ratios (give each ratio's sums and counts as columns).
+    """
+    values = np.asarray(per_cluster, dtype=np.float64)
+    if values.ndim != 2 or len(values) == 0:
+        raise ValueError(f"per_cluster must be a non-empty (clusters, V) array, got shape {values.shape}")
+    rng = np.random.default_rng(seed)
+    return _cluster_bootstrap(values, np.ones(len(values)), np.zeros(1, dtype=np.int64), n_boot, rng)[:, 0, :]
 
 
 def bootstrap_ci(

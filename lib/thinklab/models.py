@@ -80,7 +80,14 @@ class ResolvedModel:
 
 
 def canonical_name(name: str) -> str:
-    return ALIASES.get(name, name)
+    """The one name of a model, as run ids and the `model` column hold it: an alias becomes
+    its embedded name, an existing local directory its absolute path; embedded names, offline
+    MoE names and hub ids stay as given. Loads nothing."""
+    name = ALIASES.get(name, name)
+    if name in EMBEDDED:
+        return name
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.is_dir() else name
 
 
 def _package_dir(import_name: str) -> Path | None:
@@ -280,8 +287,45 @@ def resolve(name: str, materialize_missing: bool = True) -> ResolvedModel:
     )
 
 
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The transformers config of model `name` (weights are not read), or ModelError in one line.
+
+    This is where a hub id that cannot be reached (offline, unknown, gated) fails, before
+    anything is loaded or written."""
+    from transformers import AutoConfig
+
+    resolved = resolve(name)
+    try:
+        return AutoConfig.from_pretrained(resolved.path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if resolved.embedded or Path(resolved.path).is_dir():
+            raise ModelError(f"model {name!r}: cannot read the config in {resolved.path} ({_first_line(exc)})") from exc
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        why = "the hub is off (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else _first_line(exc)
+        raise ModelError(
+            f"model {name!r} is not available: not an embedded model ({', '.join([*EMBEDDED, *ALIASES])}), not a "
+            f"local directory, and as a Hugging Face hub id it cannot be loaded: {why}"
+        ) from exc
+
+
+def context_length(config) -> int | None:
+    """The longest sequence (prompt + generated tokens) the model's positions cover, if it says."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text = getattr(config, "text_config", None)
+    return context_length(text) if text is not None else None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def list_models() -> list[dict]:
-    """The embedded models and whether each is materialized (for `thinklab models`)."""
+    """The embedded models and the offline MoE, and whether each is materialized (for `thinklab models`)."""
     rows = []
     for m in EMBEDDED.values():
         installed = all(_package_dir(p) is not None for p in m.packages)
@@ -293,6 +337,20 @@ def list_models() -> list[dict]:
                 "materialized": is_materialized(m.name),
                 "path": str(model_dir(m.name)),
                 "description": m.description,
+            }
+        )
+    from thinklab import moe  # the offline MoE models built from an embedded one
+
+    for m in moe.OFFLINE.values():
+        base = EMBEDDED[m.base]
+        rows.append(
+            {
+                "name": m.name,
+                "aliases": "",
+                "installed": all(_package_dir(p) is not None for p in base.packages),
+                "materialized": is_materialized(m.name),
+                "path": str(moe.offline_dir(m.name)),
+                "description": f"{m.description} (built from {m.base}, no download)",
             }
         )
     return rows

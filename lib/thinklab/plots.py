@@ -6,10 +6,15 @@ drive (Debian: `apt-get install chromium`; elsewhere `plotly_get_chrome`); one b
 session is started on first use and reused for every later figure. Where no browser
 exists, HTML is still written and the static step says what to install, once.
 
-Two environment variables let `thinklab batch` keep each parameter set's figures apart
-without touching the notebooks: `THINKLAB_FIGURE_SUBDIR` puts them under
-figures/<study>/<subdir>/, and `THINKLAB_FIGURE_LOG` names a file that gets one line per
-file written, so the batch index lists exactly what a set produced.
+`export(..., subdir=, log=)` keeps a parameter set's figures apart (under
+figures/<study>/<subdir>/) and appends one line per file written to `log`, so a sweep's
+index lists exactly what a set produced. Left unset, they fall back to the environment
+variables `THINKLAB_FIGURE_SUBDIR` and `THINKLAB_FIGURE_LOG`, which `thinklab batch` sets
+today.
+
+`show` exports and displays a figure (the one call a notebook's figure loop makes);
+`titled` puts a figure's title and its count line (n, truncated share) together;
+`placeholder` is the figure drawn when a study's table has nothing for a panel.
 """
 
 from __future__ import annotations
@@ -75,9 +80,16 @@ def export(
     out_dir: Path | str | None = None,
     width: int = 900,
     height: int = 550,
+    subdir: str | None = None,
+    log: Path | str | None = None,
 ) -> list[Path]:
-    """Write `fig` as figures/<study>/<name>.<fmt> for each format; return the files written."""
-    target = Path(out_dir) if out_dir else paths.figures_dir(study) / os.environ.get("THINKLAB_FIGURE_SUBDIR", "")
+    """Write `fig` as figures/<study>/[<subdir>/]<name>.<fmt> for each format (or under
+    `out_dir`); append the files written to `log` if given; return them."""
+    if subdir is None:
+        subdir = os.environ.get("THINKLAB_FIGURE_SUBDIR", "")
+    if log is None:
+        log = os.environ.get("THINKLAB_FIGURE_LOG") or None
+    target = Path(out_dir) if out_dir else paths.figures_dir(study) / subdir
     target.mkdir(parents=True, exist_ok=True)
     written = []
     base = _slug(name)
@@ -96,7 +108,6 @@ def export(
             written.append(path)
         else:
             raise ValueError(f"format {fmt!r} is not valid; choose from html, png, svg, pdf")
-    log = os.environ.get("THINKLAB_FIGURE_LOG")
     if log and written:
         with open(log, "a", encoding="utf-8") as fh:
             fh.writelines(f"{p.resolve()}\n" for p in written)
@@ -106,3 +117,34 @@ def export(
 def static_export_status() -> str:
     """'ok' if PNG/SVG export works here, else why not and what to install."""
     return "ok" if _start_kaleido() else str(_STATIC_DISABLED_REASON)
+
+
+def show(
+    fig,
+    name: str,
+    study: str,
+    formats: Iterable[str] = ("html", "png"),
+    subdir: str | None = None,
+    log: Path | str | None = None,
+) -> list[Path]:
+    """Export `fig` (see `export`) and display it; return the files written."""
+    written = export(fig, name, study, formats=formats, subdir=subdir, log=log)
+    fig.show()
+    return written
+
+
+def titled(fig, title: str, caption: str | None = None):
+    """`fig` with `title` and, on a smaller second line, `caption` (the counts behind it)."""
+    text = title if not caption else f"{title}<br><sup>{caption}</sup>"
+    return fig.update_layout(title=dict(text=text), margin=dict(t=90 if caption else 60))
+
+
+def placeholder(title: str, message: str, caption: str | None = None):
+    """An empty figure that says why there is nothing to draw."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=15))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return titled(fig, title, caption)

@@ -1,22 +1,33 @@
 """Weight quantization of a loaded transformers model, and the proof that it happened.
 
-`apply(model, method, device)` quantizes the linear layers of a model in place and returns
+`apply(model, name, device)` quantizes the linear layers of a model in place and returns
 it with a report (what went into which storage type, memory before and after) that the
-HF backend writes into run.json. `check(method, device)` says, without touching a model,
-whether this host can run `method`: call it before loading weights so that an impossible
+HF backend writes into run.json. `check(name, device)` says, without touching a model,
+whether this host can run `name`: call it before loading weights so that an impossible
 format fails in seconds, naming the method and the reason.
 
-Formats (the `ModelSpec.quantization` values of the transformers backend):
+Each format comes in two forms (the `ModelSpec.quantization` values of the transformers backend):
+- simulated, the plain method name (`"int8-wo"`): the library quantizes the weights, which
+  are then dequantized back into the model's float dtype, so the model computes with
+  exactly the format's value grid but through the same forward (and kernels) as the float
+  baseline. Accuracy comparisons use this form: a paired flip is then the format's doing,
+  not a different kernel's rounding. The report's memory figures are measured on the
+  quantized model, before dequantizing.
+- real kernels, the name with `:kernel` (`"int8-wo:kernel"`): the quantized tensors stay and
+  run through the library's kernels inside transformers' modules. For memory and speed
+  measurements; their numbers also carry the kernels' rounding.
+Methods whose effect is not a weight grid (`int8-dyn` quantizes activations at run time) or
+whose library only runs on CUDA (bitsandbytes) exist only with `:kernel`.
 
-| method       | library  | weights stored as                     | runs on     |
-|--------------|----------|---------------------------------------|-------------|
-| int8-wo      | torchao  | int8, one scale per output channel     | CPU, CUDA   |
-| int8-dyn     | torchao  | int8 weights, int8 activations per token at run time | CPU, CUDA |
-| int4-wo      | torchao  | 4-bit values (-8..7) in int8 containers, scale+zero per 32 weights | CPU, CUDA |
-| quanto-int8  | quanto   | int8, one scale per output channel     | CPU, CUDA   |
-| quanto-int4  | quanto   | 4-bit values packed two per uint8, scale+shift per 128 weights | CPU, CUDA |
-| bnb-8bit     | bitsandbytes | LLM.int8(): int8 with fp16 outlier columns | CUDA only |
-| bnb-nf4      | bitsandbytes | NF4 packed two per uint8, absmax per 64 weights | CUDA only |
+| method       | library  | weights stored as                     | forms | runs on |
+|--------------|----------|---------------------------------------|-------|---------|
+| int8-wo      | torchao  | int8, one scale per output channel     | simulated, kernel | CPU, CUDA |
+| int8-dyn     | torchao  | int8 weights, int8 activations per token at run time | kernel | CPU, CUDA |
+| int4-wo      | torchao  | 4-bit values (-8..7) in int8 containers, scale+zero per 32 weights | simulated, kernel | CPU, CUDA |
+| quanto-int8  | quanto   | int8, one scale per output channel     | simulated, kernel | CPU, CUDA |
+| quanto-int4  | quanto   | 4-bit values packed two per uint8, scale+shift per 128 weights | simulated, kernel | CPU, CUDA |
+| bnb-8bit     | bitsandbytes | LLM.int8(): int8 with fp16 outlier columns | kernel | CUDA only |
+| bnb-nf4      | bitsandbytes | NF4 packed two per uint8, absmax per 64 weights | kernel | CUDA only |
 
 `lm_head` stays in the model's float dtype (as AWQ, GPTQ and bitsandbytes do by default):
 with tied embeddings quantizing it would also keep a second, quantized copy of the
@@ -40,7 +51,7 @@ import torch
 from torch import nn
 
 __all__ = ["METHODS", "Method", "QuantizationUnavailable", "apply", "check", "check_vllm_quantization",
-           "memory_bytes", "linear_storage"]
+           "dequantize_linears", "is_kernel", "linear_storage", "memory_bytes", "names", "parse"]
 
 SKIP_MODULES = ("lm_head",)
 # Storage types that count as "low precision": integer and 8-bit-or-smaller float containers.
@@ -48,6 +59,9 @@ LOW_PRECISION_DTYPES = {torch.int8, torch.uint8, torch.int16, torch.int32, torch
 for _name in ("int4", "uint4", "float8_e4m3fnuz", "float8_e5m2fnuz", "float4_e2m1fn_x2"):
     if hasattr(torch, _name):
         LOW_PRECISION_DTYPES.add(getattr(torch, _name))
+
+
+KERNEL_SUFFIX = ":kernel"
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -63,6 +77,7 @@ class Method:
     description: str
     needs_cuda: bool = False
     install_hint: str = "pip install 'thinklab[quant]'"
+    simulated: bool = True  # has a simulated form (weight-only, dequantizable on CPU)
 
 
 METHODS: dict[str, Method] = {
@@ -70,36 +85,55 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("int8-wo", "torchao", "torchao", 8, "torchao Int8WeightOnlyConfig: int8 weights, per-channel scale"),
         Method("int8-dyn", "torchao", "torchao", 8,
-               "torchao Int8DynamicActivationInt8WeightConfig: int8 weights, activations quantized per token"),
+               "torchao Int8DynamicActivationInt8WeightConfig: int8 weights, activations quantized per token",
+               simulated=False),
         Method("int4-wo", "torchao", "torchao", 4,
                "torchao IntxWeightOnlyConfig(int4, PerGroup(32)): 4-bit values in int8 storage, per-32 scale and zero"),
         Method("quanto-int8", "optimum.quanto", "optimum-quanto", 8, "optimum-quanto qint8 weights, per-channel scale"),
         Method("quanto-int4", "optimum.quanto", "optimum-quanto", 4,
                "optimum-quanto qint4 weights packed two per byte, per-128 scale and shift"),
         Method("bnb-8bit", "bitsandbytes", "bitsandbytes", 8, "bitsandbytes LLM.int8() (Linear8bitLt, threshold 6.0)",
-               needs_cuda=True, install_hint="pip install 'thinklab[gpu]'"),
+               needs_cuda=True, install_hint="pip install 'thinklab[gpu]'", simulated=False),
         Method("bnb-nf4", "bitsandbytes", "bitsandbytes", 4, "bitsandbytes NF4 (Linear4bit, blocksize 64)",
-               needs_cuda=True, install_hint="pip install 'thinklab[gpu]'"),
+               needs_cuda=True, install_hint="pip install 'thinklab[gpu]'", simulated=False),
     )
 }
 
 
-def _method(name: str) -> Method:
-    if name not in METHODS:
+def names() -> list[str]:
+    """Every `quantization` value of the transformers backend: simulated forms, then kernel forms."""
+    return [m.name for m in METHODS.values() if m.simulated] + [m.name + KERNEL_SUFFIX for m in METHODS.values()]
+
+
+def is_kernel(name: str | None) -> bool:
+    """Whether `name` runs a format's own kernels (and so not the baseline's forward)."""
+    return name is not None and name.endswith(KERNEL_SUFFIX)
+
+
+def parse(name: str) -> tuple[Method, bool]:
+    """(method, kernel?) of a `quantization` value, or ValueError naming the valid values."""
+    base = name.removesuffix(KERNEL_SUFFIX) if isinstance(name, str) else name
+    if base not in METHODS:
         raise ValueError(
             f"quantization={name!r} is not a method of the transformers backend; choose one of "
-            f"{', '.join(METHODS)} (vLLM methods such as 'fp8', 'awq', 'gptq' need backend='vllm')"
+            f"{', '.join(names())} (vLLM methods such as 'fp8', 'awq', 'gptq' need backend='vllm')"
         )
-    return METHODS[name]
+    m, kernel = METHODS[base], is_kernel(name)
+    if not kernel and not m.simulated:
+        why = "it quantizes activations at run time, which only its kernels do" if m.library == "torchao" else \
+            "its library quantizes on CUDA only"
+        raise ValueError(f"quantization={name!r} has no simulated form ({why}); use {base + KERNEL_SUFFIX!r} "
+                         "(real kernels, through transformers' modules rather than the baseline's forward)")
+    return m, kernel
 
 
 def check(method: str, device: str | torch.device = "cpu") -> Method:
-    """Raise unless `method` can run on `device` here; return its description.
+    """Raise unless `method` (a `quantization` value) can run on `device` here; return its method.
 
     ValueError for an unknown name, QuantizationUnavailable (naming the method and the
     reason) for a known method this host cannot run. Imports the library but loads no model.
     """
-    m = _method(method)
+    m, _ = parse(method)
     dev = torch.device(device)
     if m.needs_cuda and dev.type != "cuda":
         reason = (
@@ -297,32 +331,39 @@ def _bitsandbytes(model: nn.Module, method: str, device: torch.device) -> None:
             setattr(parent, child_name, new.to(device))
 
 
-def apply(model: nn.Module, method: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Quantize `model`'s linear layers (not lm_head) with `method`; return (model, report).
+def apply(model: nn.Module, name: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Quantize `model`'s linear layers (not lm_head) as `name` says; return (model, report).
 
-    The report records the method, library version, memory before and after (bytes of
-    parameter and buffer storage) and `linear_storage` after; it raises if no linear
-    layer ended up in a low-precision type, so a silent no-op cannot pass for a result.
+    `name` is a `quantization` value: a method name (simulated: quantized, then dequantized
+    into the model's float dtype) or a method name with `:kernel` (the quantized tensors stay).
+    The report records the method, its form, library version, memory before and after (bytes
+    of parameter and buffer storage, measured on the quantized model in both forms) and
+    `linear_storage` of the quantized model; it raises if no linear layer ended up in a
+    low-precision type, so a silent no-op cannot pass for a result.
     """
-    m = check(method, device)
+    m = check(name, device)
+    kernel = is_kernel(name)
     dev = torch.device(device)
+    dtype = next(model.parameters()).dtype
     before = memory_bytes(model)
     before_storage = linear_storage(model)
     t0 = time.perf_counter()
     if m.library == "torchao":
-        _torchao(model, method)
+        _torchao(model, m.name)
     elif m.library == "optimum.quanto":
-        _quanto(model, method)
+        _quanto(model, m.name)
     else:
-        _bitsandbytes(model, method, dev)
+        _bitsandbytes(model, m.name, dev)
     seconds = time.perf_counter() - t0
     after_storage = linear_storage(model)
     if after_storage["linear_layers_low_precision"] == 0:
         kept = before_storage["linear_storage_dtypes"]
-        raise RuntimeError(f"quantization={method!r} left every linear layer in {kept}")
+        raise RuntimeError(f"quantization={name!r} left every linear layer in {kept}")
     after = memory_bytes(model)
     report = {
-        "method": method,
+        "quantization": name,
+        "method": m.name,
+        "form": "kernel" if kernel else "simulated",
         "description": m.description,
         "library": m.package,
         "library_version": _version(m.package),
@@ -337,7 +378,35 @@ def apply(model: nn.Module, method: str, device: str | torch.device = "cpu") -> 
         **after_storage,
         "quantize_seconds": round(seconds, 2),
     }
+    if not kernel:
+        report["linear_layers_dequantized"] = dequantize_linears(model, dtype)
+        report["computes_in"] = str(dtype).removeprefix("torch.")
+        report["memory_bytes_running"] = memory_bytes(model)
     return model, report
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every quantized linear layer by a plain `nn.Linear` whose weight is the
+    library's own dequantization of the stored values (so the format's value grid, held in
+    `dtype`); return how many were replaced. Plain float layers are left alone."""
+    n = 0
+    for _, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not _is_linear(child):
+                continue
+            weight = child.weight
+            data = weight.data if isinstance(weight, nn.Parameter) else weight
+            if type(data) is torch.Tensor:
+                continue
+            values = data.dequantize().to(dtype).contiguous()
+            plain = torch.nn.utils.skip_init(nn.Linear, child.in_features, child.out_features,
+                                             bias=child.bias is not None, device=values.device, dtype=dtype)
+            plain.weight = nn.Parameter(values, requires_grad=False)
+            if child.bias is not None:
+                plain.bias = nn.Parameter(child.bias.detach().to(dtype), requires_grad=False)
+            setattr(parent, child_name, plain.eval())
+            n += 1
+    return n
 
 
 def _version(package: str) -> str | None:
@@ -365,7 +434,7 @@ def check_vllm_quantization(method: str | None, kv_cache_dtype: str | None = Non
     except ImportError as exc:
         raise QuantizationUnavailable(f"vLLM quantization needs vLLM ({exc})") from exc
     if method is not None:
-        if method in METHODS:
+        if method.removesuffix(KERNEL_SUFFIX) in METHODS:
             raise ValueError(f"quantization={method!r} is a transformers-backend method; use backend='hf', or a vLLM "
                              f"method: {', '.join(QUANTIZATION_METHODS)}")
         if method not in QUANTIZATION_METHODS:

@@ -2,19 +2,32 @@
 
 `run(spec)` returns the sample table of the run `spec` describes, generating only what
 the run store does not hold yet; `run_many(specs)` does so for the runs of a study,
-giving the backend the samples of every run on one model at once, so its batch stays
+handing the backend the samples of every run on one model at once, so its batch stays
 full across them. Problems are cut into fixed chunks (recorded in run.json so that a
-resumed run cuts them the same way); each chunk is graded and written as one part by a
-background thread (thinklab.background) as soon as its samples are done, while the model
-keeps decoding, so a killed run loses at most the chunks in flight.
+resumed run cuts them the same way); a chunk is graded and written as one part by a
+background thread (thinklab.background) as soon as all its samples are done, while the
+model keeps decoding, so a killed run loses at most the chunks in flight.
 
-Backends are cached: a notebook that runs many conditions on one model loads it once.
+This module chunks, resumes and writes; what a row holds is `thinklab.rows`, how tokens
+are made is the backend's (`Backend.serve`), and budget forcing is `thinklab.generation`.
+
+A run's id (`run_id(spec)`) hashes the spec under the model's and the task's canonical
+names together with a digest of the task's data (`tasks.content_digest`), so an alias and
+its model share one run, and an edited task file gets a new one. What an id cannot know
+before loading (the weights' fingerprint, the resolved dtype and forward: the backend's
+`identity`) is recorded in run.json, and a resume under a different one refuses.
+
+Everything that can be refused (task name and data, model, quantization, token cap) is
+checked and the backend loaded before the run directory is created, so a bad spec leaves
+nothing behind. Backends are cached: a notebook that runs many conditions on one model
+loads it once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -27,45 +40,102 @@ from typing import Sequence
 
 import polars as pl
 
-from thinklab import paths
+from thinklab import models, paths, rows
 from thinklab.background import Background
 from thinklab.backends import Backend, load_backend
-from thinklab.config import ModelSpec, RunSpec, sample_seed
-from thinklab.generation import generate_traces, trace_requests
+from thinklab.config import ModelSpec, RunSpec
+from thinklab.generation import trace_requests
 from thinklab.progress import StudyProgress
-from thinklab.store import RunStore, now_iso, rows_to_frame
-from thinklab.tracing import PhaseMarkers, boundary_char, detect_think_tags, split_text, tokens_before_char
+from thinklab.store import RunStore, now_iso
 
 _BACKENDS: dict[ModelSpec, Backend] = {}
 
 
-def get_backend(spec: ModelSpec, **options) -> Backend:
-    """The loaded backend for `spec`, loading it once; a different model replaces the cached one."""
+class RunMismatch(RuntimeError):
+    """A stored run and the spec or backend now asked to extend it disagree."""
+
+
+def get_backend(spec: ModelSpec, batch_size: int | None = None) -> Backend:
+    """The loaded backend for `spec`, loading it once; a different model replaces the cached
+    one, except that a backend that can change its number of active experts
+    (`Backend.set_moe_top_k`) serves another `moe_top_k` of the same weights."""
+    spec = dataclasses.replace(spec, name=models.canonical_name(spec.name))
     if spec not in _BACKENDS:
         for old in list(_BACKENDS):
             backend = _BACKENDS[old]
-            if (old.backend == spec.backend == "hf" and not options
+            if (backend.moe_top_k_settable
                     and dataclasses.replace(old, moe_top_k=None) == dataclasses.replace(spec, moe_top_k=None)):
-                backend.set_moe_top_k(spec.moe_top_k)  # same weights, another number of active experts
+                backend.set_moe_top_k(spec.moe_top_k)
                 _BACKENDS[spec] = _BACKENDS.pop(old)
-                return backend
+                break
             _BACKENDS.pop(old).close()
-        _BACKENDS[spec] = load_backend(spec, **options)
-    return _BACKENDS[spec]
+        else:
+            _BACKENDS[spec] = load_backend(spec)
+    backend = _BACKENDS[spec]
+    if batch_size is not None:
+        backend.max_batch_size = batch_size
+    return backend
 
 
-def release_backends() -> None:
-    for key in list(_BACKENDS):
-        _BACKENDS.pop(key).close()
+def canonical_spec(spec: RunSpec) -> RunSpec:
+    """`spec` with the model's and the task's canonical names (`default` -> `smollm2-135m`,
+    `GSM8K` -> `gsm8k`); what run ids, run.json and the sample table hold."""
+    from thinklab import tasks
+
+    return spec.replace(task=tasks.parse_task_name(spec.task).canonical,
+                        **{"model.name": models.canonical_name(spec.model.name)})
 
 
-def phase_markers(spec: RunSpec, tokenizer) -> PhaseMarkers:
-    start, end = detect_think_tags(tokenizer)
-    return PhaseMarkers(
-        think_start=spec.budget.think_start or start,
-        think_end=spec.budget.think_end or end,
-        answer_markers=spec.budget.answer_markers,
-    )
+def identity(spec: RunSpec, problems: list | None = None) -> dict:
+    """What a run id hashes: the canonical spec and the digest of its task data. `problems`
+    (the spec's loaded problems) saves loading them again."""
+    from thinklab import tasks
+
+    spec = canonical_spec(spec)
+    if problems is None:
+        problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
+    return {"spec": spec.to_dict(), "task_data": tasks.content_digest(spec.task, problems, spec.prompt.few_shot)}
+
+
+def run_id(spec: RunSpec, problems: list | None = None) -> str:
+    """The id of the run `spec` describes (16 hex digits). Loads the task's problems (cached
+    for files; a procedural task generates them), never the model."""
+    return _hash(identity(spec, problems))
+
+
+def _hash(ident: dict) -> str:
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_spec(spec: RunSpec) -> None:
+    """Refuse, before any weights load or anything is written, what would fail later: a
+    quantization this host cannot run, a model that cannot be found (an offline hub id
+    included), a token cap beyond the model's context length. Reads only the model's config."""
+    m = spec.model
+    if m.backend == "hf" and m.quantization is not None:
+        from thinklab import quantization
+        from thinklab.backends.hf import pick_device
+
+        quantization.check(m.quantization, pick_device())
+    limit = models.context_length(models.load_config(m.name, m.revision, m.trust_remote_code))
+    if limit is None:
+        return
+    for name, value in (("max_tokens", spec.sampling.max_tokens), ("answer_budget", spec.budget.answer_budget)):
+        if value > limit:
+            raise ValueError(f"{name}={value} is more than the context length of {m.name} ({limit} tokens, from its "
+                             f"config); use at most {limit} minus the prompt's length")
+
+
+def check_resume(stored: dict | None, loaded: dict, where: Path) -> None:
+    """Refuse to add samples to a run generated under another model fingerprint, dtype or forward."""
+    if not stored:
+        return
+    diffs = [f"{key}: stored {stored.get(key)!r}, loaded now {loaded.get(key)!r}"
+             for key in sorted(set(stored) | set(loaded)) if stored.get(key) != loaded.get(key)]
+    if diffs:
+        raise RunMismatch(f"{where} was generated under a different setup than the backend loaded now ("
+                          f"{'; '.join(diffs)}); resume it where those match, or remove it to regenerate it whole")
 
 
 def _versions() -> dict:
@@ -93,7 +163,12 @@ def _git_commit() -> str | None:
 
 
 def run_dir(spec: RunSpec, runs_root: Path | str | None = None) -> Path:
-    return Path(runs_root or paths.runs_dir()) / spec.run_id
+    return Path(runs_root or paths.runs_dir()) / run_id(spec)
+
+
+def _per_chunk(chunk_problems: int | None, n_samples: int) -> int:
+    # A chunk is about one batch of samples; fixed at creation so that resuming cuts the same chunks.
+    return chunk_problems or max(1, 16 // n_samples)
 
 
 def run(
@@ -110,9 +185,10 @@ def run(
 
 @dataclass
 class _Run:
-    """One run being generated: its store and the chunks it still lacks."""
+    """One run being generated: its spec, store, problems cut into chunks, and the chunks it lacks."""
 
     spec: RunSpec
+    rid: str
     store: RunStore
     chunks: list[list]
     todo: list[int]
@@ -128,78 +204,96 @@ def run_many(
     progress: bool = True,
     batch_size: int | None = None,
 ) -> list[pl.DataFrame]:
-    """Generate (or load) every run and return their sample tables, in order.
+    """Generate (or load) every run and return their sample tables, in the order of `specs`.
 
     The runs on one model are generated together: all their samples go to the backend at
-    once, so the batch stays full across runs (earlier runs' samples first). Each chunk
-    is graded and written as one part by a background thread as soon as all its samples
-    are done, so a killed study loses at most the chunks in flight. `batch_size` sets the
-    backend's rows decoding at once (it changes speed, not samples); `backend` serves
-    every run (tests, benchmarks) instead of the cached one per model.
+    once (earlier runs' first), so its batch stays full across runs. `batch_size` sets how
+    many rows the backend decodes at once (speed, not samples: it is not in the run id);
+    `backend` serves every run instead of the cached one per model (tests, benchmarks).
     """
     from thinklab import tasks
 
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is not valid; use a positive int, or None for the backend's own")
-    unique = list({spec.run_id: spec for spec in specs}.values())
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive int, or None for the backend's own")
+    prepared = []
+    for spec in specs:
+        spec = canonical_spec(spec)
+        problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
+        ident = identity(spec, problems)
+        rid = _hash(ident)
+        prepared.append((spec, problems, ident, rid, RunStore(Path(runs_root or paths.runs_dir()) / rid)))
+    unique = list({p[3]: p for p in prepared}.values())
+    for spec, problems, _, _, store in unique:
+        if _todo(store, len(problems), chunk_problems, spec.sampling.n):
+            check_spec(spec)  # nothing is loaded or written for a spec that cannot run
     with contextlib.ExitStack() as stack:
-        runs = []
-        for spec in sorted(unique, key=lambda s: s.run_id):  # one lock order, so two studies never deadlock
-            store = RunStore(run_dir(spec, runs_root))
+        for *_, store in sorted(unique, key=lambda p: p[3]):  # one lock order, so two studies never deadlock
             stack.enter_context(store.lock())
-            runs.append((spec, store))
         todo: dict[ModelSpec, list[_Run]] = {}
-        for spec, store in sorted(runs, key=lambda r: unique.index(r[0])):
-            problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
+        for spec, problems, ident, rid, store in unique:
             if store.meta_path.is_file():
                 meta = store.read_meta()
-                if meta["spec"] != json.loads(json.dumps(spec.to_dict())):
-                    raise RuntimeError(f"{store.dir} holds a different spec than its id says; remove it and rerun")
+                stored = {"spec": meta["spec"], "task_data": meta.get("task_data")}
+                if stored != json.loads(json.dumps(ident)):
+                    raise RunMismatch(f"{store.dir} holds a different spec or task data than its id says; "
+                                      "remove it and rerun")
             else:
-                # A chunk is about one batch of samples; fixed here so that resuming cuts the same chunks.
-                per_chunk = chunk_problems or max(1, 16 // spec.sampling.n)
-                meta = {"run_id": spec.run_id, "spec": spec.to_dict(), "chunk_problems": per_chunk,
+                meta = {"run_id": rid, "spec": spec.to_dict(), "task_data": ident["task_data"],
+                        "chunk_problems": _per_chunk(chunk_problems, spec.sampling.n),
                         "n_problems": len(problems), "created": now_iso(), "status": "running"}
                 store.write_meta(meta)
             per_chunk = meta["chunk_problems"]
             chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
             missing = [k for k in range(len(chunks)) if k not in store.done_chunks()]
             if missing:
-                todo.setdefault(spec.model, []).append(_Run(spec, store, chunks, missing))
+                check_spec(spec)  # cheap, and another process may have removed parts since we looked
+                todo.setdefault(spec.model, []).append(_Run(spec, rid, store, chunks, missing))
             elif meta.get("status") != "complete":
                 store.update_meta(status="complete", finished=meta.get("finished") or now_iso())
         for model, group in todo.items():
-            b = backend or get_backend(model)
-            if batch_size is not None:
-                b.max_batch_size = batch_size
-            _generate_runs(group, b, progress)
-    return [RunStore(run_dir(spec, runs_root)).load() for spec in specs]
+            if backend is not None and batch_size is not None:
+                backend.max_batch_size = batch_size
+            _generate_runs(group, backend or get_backend(model, batch_size), progress)
+    return [store.load() for *_, store in prepared]
+
+
+def _todo(store: RunStore, n_problems: int, chunk_problems: int | None, n_samples: int) -> list[int]:
+    """Chunks of the run still without a part (all of them for a new run)."""
+    per_chunk = store.read_meta()["chunk_problems"] if store.meta_path.is_file() else _per_chunk(chunk_problems, n_samples)
+    done = store.done_chunks()
+    return [k for k in range(-(-n_problems // per_chunk)) if k not in done]
 
 
 def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
-    """Generate the missing chunks of runs that share `backend`, grading and writing each
-    chunk in the background as soon as its samples are done."""
+    """Generate the missing chunks of runs that share `backend`; each chunk is graded and
+    written by a background thread as soon as its samples are done."""
     from thinklab import grading
 
+    loaded = backend.identity
     info = backend.info
-    resolved = getattr(backend, "resolved", None)
+    tok = backend.tokenizer
     for r in runs:
+        meta = r.store.read_meta()
+        check_resume(meta.get("resolved"), loaded, r.store.dir)
+        markers = rows.phase_markers(r.spec, tok)
         r.store.update_meta(
-            started=r.store.read_meta().get("started") or now_iso(),
+            started=meta.get("started") or now_iso(),
+            resolved=loaded,
             versions=_versions(),
             git_commit=_git_commit(),
-            model={"name": r.spec.model.name, "resolved": getattr(resolved, "name", r.spec.model.name),
-                   "path": getattr(resolved, "path", None), "fingerprint": getattr(resolved, "fingerprint", None)},
+            model={"name": r.spec.model.name, "fingerprint": loaded["fingerprint"]},
             backend={"name": info.backend, **info.extra},
             entropy_mode=info.entropy_mode,
             entropy_distribution=info.entropy_distribution,
+            phases={"think_start": markers.think_start, "think_end": markers.think_end,
+                    "answer_markers": list(markers.answer_markers),
+                    "detected_from": "the tokenizer's vocabulary and chat template, unless the spec's budget names them"},
             forced_tokens="tokens forced by budget cues or 'Wait' carry NaN entropy and log-probability",
             grader_version=grading.GRADER_VERSION,
             host=platform.node(),
             argv=sys.argv,
         )
-    tok = backend.tokenizer
-    bars = StudyProgress({i: (f"run {r.spec.run_id}", sum(len(r.chunks[k]) for k in r.todo) * r.spec.sampling.n,
+    bars = StudyProgress({i: (f"run {r.rid}", sum(len(r.chunks[k]) for k in r.todo) * r.spec.sampling.n,
                               r.spec.sampling.max_tokens) for i, r in enumerate(runs)}, enabled=progress)
     writer = Background("thinklab-parts")
     t_start = time.time()
@@ -215,32 +309,28 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
 
     requests, order = [], 0
     for tag, r in enumerate(runs):
-        markers = phase_markers(r.spec, tok)
+        markers = rows.phase_markers(r.spec, tok)
         r.left = len(r.todo)
         for k in r.todo:
-            problems = r.chunks[k]
-            texts, ids, flat, seeds = _chunk_prompts(r.spec, tok, problems)
-            traces: list = [None] * len(flat)
-            left = [len(flat)]
+            chunk = rows.Chunk.build(r.spec, r.rid, tok, markers, r.chunks[k])
+            left = [len(chunk.flat)]
 
-            def done(i, trace, r=r, k=k, problems=problems, texts=texts, ids=ids, flat=flat, seeds=seeds,
-                     traces=traces, left=left, tag=tag, markers=markers) -> None:
-                traces[i] = trace
+            def done(i, trace, r=r, k=k, chunk=chunk, left=left, tag=tag) -> None:
+                chunk.traces[i] = trace
                 left[0] -= 1
                 bars.sample_done(tag, len(trace.token_ids))
                 if left[0]:
                     return
-                # the routing statistics run the model, so they are taken here, between decode steps
-                routing = _routing_columns(backend, [ids[pi] for pi, _ in flat], traces, tok, markers)
-                writer.submit(lambda: r.store.write_part(k, chunk_frame(r.spec, tok, markers, problems, texts, flat,
-                                                                        seeds, traces, routing)))
+                # routing statistics run the model, so they are taken here, between decode steps
+                routing = backend.routing_columns(chunk.sample_prompts(), chunk.traces, chunk.thinking_tokens(tok))
+                writer.submit(lambda: r.store.write_part(k, chunk.frame(tok, routing)))
                 r.left -= 1
                 if r.left == 0:
                     writer.submit(lambda: finalize(r))
 
-            requests += trace_requests(tok, [ids[pi] for pi, _ in flat], seeds, r.spec.sampling, r.spec.budget,
-                                       markers, done, order=range(order, order + len(flat)), tag=tag)
-            order += len(flat)
+            requests += trace_requests(tok, chunk.sample_prompts(), chunk.seeds, r.spec.sampling, r.spec.budget,
+                                       markers, done, order=range(order, order + len(chunk.flat)), tag=tag)
+            order += len(chunk.flat)
     try:
         backend.serve(requests, on_tokens=on_tokens, progress=False)
     except BaseException:
@@ -249,109 +339,7 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
         raise
     writer.close()
     bars.close()
-    stats = getattr(backend, "last_serve_stats", None)
-    if stats:  # what the scheduler did for all these runs together (they shared its batch)
+    stats = backend.last_serve_stats
+    if stats:  # what the scheduler did for these runs together (they shared its batch)
         for r in runs:
             r.store.update_meta(scheduler={**stats, "runs_served_together": len(runs)})
-
-
-def _chunk_prompts(spec: RunSpec, tok, problems: list):
-    """(prompt texts per problem, their token ids, (problem, sample) per sample, seed per sample)."""
-    from thinklab import prompts
-
-    texts = [prompts.build_prompt(tok, p, spec.prompt) for p in problems]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    flat = [(pi, s) for pi in range(len(problems)) for s in range(spec.sampling.n)]
-    seeds = [sample_seed(spec.sampling.seed, problems[pi].problem_id, s) for pi, s in flat]
-    return texts, ids, flat, seeds
-
-
-def _thinking_tokens(tok, traces, markers) -> list[int]:
-    out = []
-    for tr in traces:
-        if tr.n_thinking_tokens is not None:
-            out.append(tr.n_thinking_tokens)
-        else:
-            text = tok.decode(tr.token_ids, skip_special_tokens=True)
-            out.append(tokens_before_char(tok, tr.token_ids, boundary_char(text, markers)))
-    return out
-
-
-def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bool = True) -> pl.DataFrame:
-    """Generate, trace and grade all samples of `problems`; return their rows."""
-    tok = backend.tokenizer
-    markers = phase_markers(spec, tok)
-    texts, ids, flat, seeds = _chunk_prompts(spec, tok, problems)
-    traces = generate_traces(
-        backend, [ids[pi] for pi, _ in flat], seeds, spec.sampling, spec.budget, markers, progress=progress
-    )
-    routing = _routing_columns(backend, [ids[pi] for pi, _ in flat], traces, tok, markers)
-    return chunk_frame(spec, tok, markers, problems, texts, flat, seeds, traces, routing)
-
-
-def chunk_frame(spec: RunSpec, tok, markers, problems: list, texts, flat, seeds, traces, routing) -> pl.DataFrame:
-    """Grade the traces of one chunk and return its rows (no model needed: runs in the background)."""
-    from thinklab import grading
-
-    n_thinks = _thinking_tokens(tok, traces, markers)
-    rows = []
-    for j, ((pi, s), seed, tr) in enumerate(zip(flat, seeds, traces)):
-        p = problems[pi]
-        text, n_think = tok.decode(tr.token_ids, skip_special_tokens=True), n_thinks[j]
-        thinking, answer = split_text(text, markers)
-        g = grading.grade(text, p.gold, p.task)
-        meta = p.meta
-        level = meta.get("level")
-        rows.append({
-            "run_id": spec.run_id,
-            "problem_id": p.problem_id,
-            "sample_idx": s,
-            "task": p.task,
-            "model": spec.model.name,
-            "backend": spec.model.backend,
-            "quantization": spec.model.quantization,
-            "moe_top_k": spec.model.moe_top_k,
-            "temperature": spec.sampling.temperature,
-            "top_p": spec.sampling.top_p,
-            "seed": seed,
-            "thinking_budget": spec.budget.thinking_budget,
-            "wait_extensions": tr.wait_extensions,
-            "prompt": texts[pi],
-            "text": text,
-            "thinking": thinking,
-            "answer_text": answer,
-            "n_tokens": len(tr.token_ids),
-            "n_thinking_tokens": n_think,
-            "n_answer_tokens": len(tr.token_ids) - n_think,
-            "finish_reason": tr.finish_reason,
-            "token_entropy": tr.token_entropy,
-            "token_logprob": tr.token_logprob,
-            "token_ids": tr.token_ids,
-            "pred": g.pred,
-            "gold": p.gold,
-            "correct": g.correct,
-            "level": int(level) if isinstance(level, (int, float)) or (isinstance(level, str) and level.isdigit()) else None,
-            "subject": meta.get("subject"),
-            "extractor": g.extractor,
-            "grader_version": grading.GRADER_VERSION,
-            **routing[j],
-        })
-    return rows_to_frame(rows)
-
-
-def _routing_columns(backend: Backend, prompt_ids, traces, tok, markers) -> list[dict]:
-    """Expert load and router entropy per sample for MoE models on the hf backend; else empty."""
-    from thinklab import moe
-
-    model = getattr(backend, "model", None)
-    if model is None or not moe.is_moe(model):
-        return [{} for _ in traces]
-    n_thinks = _thinking_tokens(tok, traces, markers)
-    stats = moe.routing_stats(
-        model, prompt_ids, [t.token_ids for t in traces], n_thinks,
-        token_entropy=[t.token_entropy for t in traces], pad_id=getattr(backend, "pad_id", 0),
-    )
-    nan_to_none = lambda v: None if v is None or v != v else v  # noqa: E731
-    return [{"expert_load": st.get("expert_load"),
-             "router_entropy_thinking": nan_to_none(st.get("router_entropy_thinking")),
-             "router_entropy_answer": nan_to_none(st.get("router_entropy_answer"))} for st in stats]

@@ -22,6 +22,7 @@ This module knows nothing about models, prompts or grading; it never writes file
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+import typing
 from typing import Any, Iterable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -140,25 +142,53 @@ def parse_task_name(name: str) -> TaskName:
     family = head.strip().lower()
     if family == "jsonl" or (family not in BENCHMARKS and family != "rg" and ".jsonl" in raw):
         path_and_opts = rest if family == "jsonl" else raw
-        parts, options = _split_options(path_and_opts.split(":"))
+        allowed = {"question", "answer", "id", "solution"}
+        segments = path_and_opts.split(":")
+        if len(segments) > 1 and segments[-1].strip().lower() in allowed:  # jsonl:f.jsonl:answer (no value)
+            _option_without_value(name, segments[-1], "jsonl:PATH", {k: "FIELD" for k in sorted(allowed)})
+        parts, options = _split_options(segments)
         path = ":".join(parts).strip()
         if not path:
             raise TaskError(f"task {name!r}: jsonl needs a path, e.g. jsonl:/data/file.jsonl:question=problem:answer=answer")
-        allowed = {"question", "answer", "id", "solution"}
         _check_options(name, options, allowed)
         return TaskName("jsonl", path, options)
     parts, options = _split_options(raw.split(":"))
     if family == "rg":
+        if len(parts) > 2 and parts[1].strip():  # rg:chain_sum:difficulty, or a segment that is no key=value
+            _option_without_value(name, _bare(parts[2:]), f"rg:{parts[1].strip()}", {"difficulty": "D", "FIELD": "VALUE"})
         if len(parts) != 2 or not parts[1].strip():
             raise TaskError(f"task {name!r}: write reasoning-gym tasks as rg:NAME[:difficulty=D], e.g. rg:chain_sum:difficulty=3")
         return TaskName("rg", parts[1].strip().lower(), options)
-    if family in BENCHMARKS and len(parts) == 1:
-        _check_options(name, options, set(BENCHMARKS[family].options) | {"path"})
+    if family in BENCHMARKS:
+        valid = {o: _OPTION_FORMS.get(o, "VALUE") for o in (*BENCHMARKS[family].options, "path")}
+        if len(parts) > 1:  # math500:level, gsm8k:foo
+            _option_without_value(name, _bare(parts[1:]), family, valid)
+        _check_options(name, options, set(valid))
+        for key, value in options:
+            if not value:
+                raise TaskError(f"task {name!r}: option {key!r} has no value; write {family}:{key}={valid[key]}")
         if family == "math500" and (level := dict(options).get("level")) is not None:
             levels = _parse_levels(name, level)
             options = tuple((k, ",".join(map(str, levels)) if k == "level" else v) for k, v in options)
         return TaskName(family, "", options)
     raise TaskError(f"unknown task {name!r}; valid names: {', '.join(valid_names())}")
+
+
+def _bare(segments: list[str]) -> str:
+    """The first segment that is not key=value (the one that stopped the options)."""
+    return next((seg for seg in segments if not _OPTION.match(seg.strip())), segments[0])
+
+
+_OPTION_FORMS = {"level": "1..5 (or a list like 4,5)", "subject": "NAME", "path": "FILE.jsonl"}
+
+
+def _option_without_value(name: str, segment: str, head: str, valid: dict[str, str]) -> typing.NoReturn:
+    """A segment after the task's name that is not key=value: say which option it looks like and its form."""
+    key = segment.strip().lower()
+    forms = ", ".join(f"{k}={v}" for k, v in valid.items())
+    if key in valid:
+        raise TaskError(f"task {name!r}: option {key!r} needs a value: write {head}:{key}={valid[key]}")
+    raise TaskError(f"task {name!r}: {segment.strip()!r} is not an option of {head}; options are key=value segments: {forms}")
 
 
 def _check_options(name: str, options: Iterable[tuple[str, str]], allowed: set[str]) -> None:
@@ -240,6 +270,31 @@ def worked_examples(task: str, k: int, exclude: str = "") -> list[tuple[str, str
     return out
 
 
+def content_digest(name: str, problems: list[Problem], few_shot: int = 0) -> dict:
+    """What a run id needs to know about the task's data beyond its name, size and seed.
+
+    File-backed tasks (benchmarks, jsonl, hub copies): a sha256 of the loaded subset (ids,
+    questions, golds, and the metadata rows keep), plus the worked examples a few-shot
+    prompt takes from the pool, so editing the file changes the id. Procedural (rg:) tasks
+    are a function of name, seed and the generator's code: the reasoning-gym version.
+    """
+    parsed = parse_task_name(name)
+    if parsed.family == "rg":
+        import importlib.metadata
+
+        return {"kind": "procedural", "reasoning_gym": importlib.metadata.version("reasoning-gym")}
+    digest = hashlib.sha256()
+    for p in problems:
+        meta = {k: v for k, v in p.metadata if k not in ("source", "line")}  # where the file lies is not its content
+        digest.update(json.dumps([p.problem_id, p.question, p.gold, meta], sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    if few_shot > 0:
+        for question, solution in worked_examples(name, few_shot + 1):
+            digest.update(json.dumps(["few-shot", question, solution]).encode())
+            digest.update(b"\n")
+    return {"kind": "data", "sha256": digest.hexdigest()[:16], "n": len(problems)}
+
+
 # --------------------------------------------------------------------------- subsets
 
 
@@ -280,12 +335,17 @@ def _pool(parsed: TaskName) -> tuple[tuple[Problem, str], ...]:
         if path is None:
             bench = BENCHMARKS[parsed.family]
             return _build_pool(parsed, _from_hub(parsed.family, bench), f"hub:{bench.hub[0]}")
-    return _pool_from_file(parsed, str(path), path.stat().st_mtime_ns)
+    return _pool_from_file(parsed, str(path), _file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    """The caches below are keyed by content: an mtime can stay the same across a quick edit."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @lru_cache(maxsize=32)
-def _pool_from_file(parsed: TaskName, path: str, mtime_ns: int) -> tuple[tuple[Problem, str], ...]:
-    return _build_pool(parsed, _read_jsonl(path, mtime_ns), path)
+def _pool_from_file(parsed: TaskName, path: str, content_sha256: str) -> tuple[tuple[Problem, str], ...]:
+    return _build_pool(parsed, _read_jsonl(path, content_sha256), path)
 
 
 def _build_pool(parsed: TaskName, records: tuple[dict, ...], source: str) -> tuple[tuple[Problem, str], ...]:
@@ -322,11 +382,16 @@ def _resolve_user_path(path: str) -> Path:
 
 
 @lru_cache(maxsize=32)
-def _read_jsonl(path: str, mtime_ns: int) -> tuple[dict, ...]:
+def _read_jsonl(path: str, content_sha256: str) -> tuple[dict, ...]:
     """All records of a JSON-lines file, or TaskError naming the file and line (nothing partial)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TaskError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                f"save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -435,6 +500,11 @@ def _from_jsonl(parsed: TaskName, path: Path, records: tuple[dict, ...]) -> list
         if qf not in r or af not in r:
             missing = qf if qf not in r else af
             raise TaskError(f"{where}: missing field {missing!r} (fields: {', '.join(k for k in r if k != '__line__')})")
+        for key, what in ((qf, "question"), (af, "gold answer")):
+            value = r[key]
+            if value is None or (isinstance(value, str) and not value.strip()) or isinstance(value, (dict, list)):
+                shown = "null" if value is None else json.dumps(value)[:40]
+                raise TaskError(f"{where}: field {key!r} is {shown}; every line needs its {what} there as a string or number")
         answer = r[af]
         if isinstance(answer, str) and "####" in answer:
             gold, solution = _gsm8k_parts(answer, where)

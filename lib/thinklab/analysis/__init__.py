@@ -3,10 +3,12 @@
 `overthinking` (accuracy vs thinking budget and length, selection rules, entropy by phase
 and along the trace, markers, per-problem lengths), `temperature` (pass@k, maj@k, solve
 matrix, coverage, multi-temperature voting), `quantization` (each format against its
-baseline, paired per sample) and `moe` (accuracy, length and entropy per number of active
-experts, expert load, router entropy by phase). The metrics they share (pass@k, voting,
-bootstrap) live in `thinklab.metrics`. Plots read these frames; nothing here draws,
-generates or writes files, and nothing here imports torch or plotly.
+baseline, paired per sample), `moe` (accuracy, length and entropy per number of active
+experts, expert load, router entropy by phase) and `findings` (the seed papers' seven
+claims as statistics with intervals and computed verdicts, for `thinklab findings`). The
+metrics they share (pass@k, voting, bootstrap) live in `thinklab.metrics`. Plots read
+these frames; nothing here draws, generates or writes files, and nothing here imports
+torch or plotly.
 
 `all_frames` builds every study frame from one table, for notebooks that want them all
 and for `benchmarks/analysis_speed.py`.

@@ -1,15 +1,15 @@
 """MoE sparsity analyses: accuracy, length, entropy and routing as the active experts per token change.
 
-The frames of study 4 (`thinklab.studies.moe`, which re-exports them next to its figures
-and runner) as functions of a sample table with one run per `moe_top_k`. The routing
+The frames of study 4 (`thinklab.studies.moe`) as functions of a sample table with one
+run per `moe_top_k`. The routing
 columns (`ROUTING_COLUMNS`: `expert_load`, List(List(Int)) of tokens per layer and
 expert, and the mean router entropy per phase) are stored by hf runs of MoE models;
 vLLM runs and dense rows leave them null.
 
-The frame functions group by `moe_top_k` plus the optional `by` columns, which lead the
-output: all_frames passes the other condition columns that vary in the table, so that
-conditions are never pooled. Unlike the overthinking and temperature frames, `by=None`
-adds no grouping (it does not default to the varying condition columns).
+The frame functions group by `moe_top_k` plus the `by` columns, which lead the output.
+As in every analysis module, `by=None` (the default) groups by every condition column
+that varies in the table except `moe_top_k` (see `thinklab.metrics.condition_columns`),
+so conditions are never pooled silently; pass `by=()` to pool.
 
 This module imports only polars, numpy, `thinklab.metrics` and `thinklab.store`: no torch, no plotting.
 """
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from thinklab.metrics import bootstrap_ci
+from thinklab.metrics import bootstrap_ci, condition_columns
 from thinklab.store import ROUTING_COLUMNS
 
 __all__ = [
@@ -43,9 +43,11 @@ METRICS = {
 }
 
 
-def _keys(by: Sequence[str] | None, *axis: str) -> list[str]:
-    """`by` then the frame's own axis columns, each once."""
-    return list(dict.fromkeys([*(by or ()), *axis]))
+def _keys(df: pl.DataFrame, by: Sequence[str] | None, *axis: str) -> list[str]:
+    """`by` (None: the varying condition columns but moe_top_k) then the frame's own axis columns, each once."""
+    if by is None:
+        by = condition_columns(df, exclude=["moe_top_k"])
+    return list(dict.fromkeys([*by, *axis]))
 
 
 def num_experts(df: pl.DataFrame) -> int | None:
@@ -65,7 +67,7 @@ def metrics_vs_k(
     (METRICS' label), active_fraction (moe_top_k / the group's `num_experts`; null without
     routing columns). Sorted by `by` (nulls last), variable, moe_top_k.
     """
-    by = [c for c in _keys(by) if c != "moe_top_k"]
+    by = [c for c in _keys(df, by) if c != "moe_top_k"]
     values = [m for m in METRICS if m in df.columns]
     frame = df.with_columns(pl.col("correct").cast(pl.Float64), pl.col("n_tokens").cast(pl.Float64))
     out = bootstrap_ci(frame, values, by=[*by, "moe_top_k"], n_boot=n_boot, seed=seed)
@@ -149,7 +151,7 @@ def expert_load(df: pl.DataFrame, *, by: Sequence[str] | None = None) -> pl.Data
     expert_load are left out; the others must all hold the same layers x experts (see
     `expert_load_array`).
     """
-    keys = _keys(by, "moe_top_k")
+    keys = _keys(df, by, "moe_top_k")
     rows = df.select(*keys, "expert_load").filter(pl.col("expert_load").is_not_null())
     load = expert_load_array(rows["expert_load"])  # (rows, L, E)
     n, L, E = load.shape
@@ -187,8 +189,8 @@ def router_entropy_by_phase(
 ) -> pl.DataFrame:
     """Per `by`..., top-k and phase (thinking, answer): mean router entropy with a 95% bootstrap
     interval over problems. Columns: `by`..., moe_top_k, phase, estimate, ci_low, ci_high, n, n_clusters."""
-    keys = _keys(by, "moe_top_k")
-    index = _keys(keys, "problem_id")
+    keys = _keys(df, by, "moe_top_k")
+    index = _keys(df, keys, "problem_id")
     long = df.select(*index, thinking="router_entropy_thinking", answer="router_entropy_answer").unpivot(
         index=index, variable_name="phase", value_name="router_entropy"
     )

@@ -35,6 +35,8 @@ __all__ = [
     "accuracy_vs_length",
     "accuracy_by_level",
     "best_budget_per_level",
+    "SELECTION_METHODS",
+    "selection_per_problem",
     "selection_accuracy",
     "length_distribution",
     "length_histogram",
@@ -45,6 +47,7 @@ __all__ = [
     "problem_length_stats",
 ]
 
+SELECTION_METHODS = ("shortest", "longest", "random", "majority", "oracle")
 TRACE_STAT_COLUMNS = ("mean_entropy", "mean_entropy_thinking", "mean_entropy_answer", "entropy_profile")
 
 
@@ -267,6 +270,35 @@ def best_budget_per_level(
 # --------------------------------------------------------------------------- n samples per problem
 
 
+def selection_per_problem(
+    df: pl.DataFrame, *, length: str = "n_tokens", by: Sequence[str] | None = None
+) -> pl.DataFrame:
+    """Per problem (and `by` group), the expected accuracy of each way to keep one of its n
+    samples: shortest, longest, random, majority, oracle.
+
+    Every rule is an expectation, never one draw: shortest/longest average `correct` over
+    the samples tied at the extreme length, random is the problem's mean accuracy, the
+    vote breaks ties uniformly (`thinklab.metrics.majority_vote`), oracle is 1 when any
+    sample is correct (pass@n). Returns `by`..., problem_id, n, shortest, longest, random,
+    majority, oracle (floats).
+    """
+    by = _by(df, by)
+    cell = [*by, "problem_id"]
+    per_problem = df.lazy().group_by(cell).agg(
+        n=pl.len(),
+        shortest=pl.col("correct").filter(pl.col(length) == pl.col(length).min()).mean(),
+        longest=pl.col("correct").filter(pl.col(length) == pl.col(length).max()).mean(),
+        random=pl.col("correct").mean(),
+        oracle=pl.col("correct").any().cast(pl.Float64),
+    ).collect()
+    vote = majority_vote(df, by).select(*cell, majority=pl.col("maj"))
+    return (
+        per_problem.join(vote, on=cell, nulls_equal=True)
+        .select(*cell, "n", *SELECTION_METHODS)
+        .sort(cell, nulls_last=True)
+    )
+
+
 def selection_accuracy(
     df: pl.DataFrame,
     *,
@@ -277,25 +309,14 @@ def selection_accuracy(
     seed: int = 0,
 ) -> pl.DataFrame:
     """With n samples per problem: accuracy of picking the shortest, the longest, a random
-    one, the majority vote, and the oracle (any correct; pass@n).
+    one, the majority vote, and the oracle (any correct; pass@n), each per problem as in
+    `selection_per_problem`, then averaged over problems with a clustered bootstrap interval.
 
-    Every rule is an expectation, never one draw: shortest/longest average `correct` over
-    the samples tied at the extreme length, random is the problem's mean accuracy, the
-    vote breaks ties uniformly (`thinklab.metrics.majority_vote`). Returns `by`...,
-    method, accuracy, ci_low, ci_high, n_problems.
+    Returns `by`..., method, accuracy, ci_low, ci_high, n_problems.
     """
     by = _by(df, by)
-    cell = [*by, "problem_id"]
-    per_problem = df.lazy().group_by(cell).agg(
-        shortest=pl.col("correct").filter(pl.col(length) == pl.col(length).min()).mean(),
-        longest=pl.col("correct").filter(pl.col(length) == pl.col(length).max()).mean(),
-        random=pl.col("correct").mean(),
-        oracle=pl.col("correct").any().cast(pl.Float64),
-    ).collect()
-    vote = majority_vote(df, by).select(*cell, majority=pl.col("maj"))
-    per_problem = per_problem.join(vote, on=cell, nulls_equal=True)
-    methods = ["shortest", "longest", "random", "majority", "oracle"]
-    ci = bootstrap_ci(per_problem, methods, by=by, n_boot=n_boot, level=level, seed=seed)
+    per_problem = selection_per_problem(df, length=length, by=by)
+    ci = bootstrap_ci(per_problem, list(SELECTION_METHODS), by=by, n_boot=n_boot, level=level, seed=seed)
     return (
         ci.rename({"variable": "method", "estimate": "accuracy", "n_clusters": "n_problems"})
         .select(*by, "method", "accuracy", "ci_low", "ci_high", "n_problems")

@@ -82,6 +82,13 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> BackendInfo: ...
 
+    @property
+    @abstractmethod
+    def identity(self) -> dict:
+        """What a run id cannot cover but decides the numbers, as resolved at load: `model`
+        (canonical name), `fingerprint` (of the weights), `dtype` and `forward` (which code
+        computes the logits). run.json keeps it, and a resume under a different one refuses."""
+
     @abstractmethod
     def generate(
         self,
@@ -127,6 +134,25 @@ class Backend(ABC):
                     if follow is not None:
                         follow_ups.append(follow)
             pending = sorted(follow_ups + pending, key=lambda r: r.order)
+
+    # What the scheduler did in the last `serve` (rows, occupancy, prefills, ...), for
+    # run.json; None where the backend has no scheduler of its own.
+    last_serve_stats: dict | None = None
+
+    # Whether `set_moe_top_k` can change the number of experts each token is routed to
+    # without reloading the weights.
+    moe_top_k_settable: bool = False
+
+    def set_moe_top_k(self, k: int | None) -> None:
+        """Route each token to k experts (None: the checkpoint's own number)."""
+        raise NotImplementedError(f"the {self.name} backend cannot change the number of active experts of a loaded "
+                                  "model; load it with ModelSpec(moe_top_k=k) instead")
+
+    def routing_columns(self, prompts: Sequence[Sequence[int]], traces: Sequence, n_thinking: Sequence[int]) -> list[dict] | None:
+        """The router columns of the sample table (`expert_load`, `router_entropy_thinking`,
+        `router_entropy_answer`) for each sample (its prompt ids, its trace, its thinking
+        tokens), or None where the backend records no routing (dense models, servers)."""
+        return None
 
     def close(self) -> None:
         """Release the model (GPU memory, engine processes)."""

@@ -173,8 +173,7 @@ def choose_tokens(logits: torch.Tensor, sampling: SamplingSpec, u: torch.Tensor 
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int | None = None,
-                 fast: bool = True):
+    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int | None = None):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,8 +198,6 @@ class HFBackend(Backend):
             from thinklab import quantization
 
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
-        # CPU float32 llama/qwen2 checkpoints decode through the lean forward (lean.py); other
-        # CPU float32 models keep transformers' forward with prepacked linears.
         self.kv_bytes_per_position = kv_bytes_per_position(self.model.config, self.dtype)
         if max_batch_size is None:
             self.max_batch_size, self.batch_size_rule = auto_batch_size(self.kv_bytes_per_position, self.device)
@@ -208,17 +205,37 @@ class HFBackend(Backend):
             self.max_batch_size, self.batch_size_rule = max_batch_size, "set by the caller"
         self.lean: lean.LeanDecoder | None = None
         self.packed_linears = 0
-        if fast and self.device.type == "cpu" and not spec.quantization:
-            if lean.LeanDecoder.unsupported(self.model) is None:
-                self.lean = lean.LeanDecoder(self.model, batch_hint=self.max_batch_size)
-            else:
-                self.packed_linears = lean.pack_linears(self.model, batch_hint=self.max_batch_size)
+        self.forward_name = self._select_forward(spec.forward)
         self.last_serve_stats: dict | None = None  # the row scheduler's numbers for its last serve
         self._native_top_k: dict | None = None
         if spec.moe_top_k is not None:
             self.set_moe_top_k(spec.moe_top_k)
         self.eos_ids = self._eos_ids()
         self.pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def _select_forward(self, requested: str) -> str:
+        """Set up the forward `requested` ("auto" | "lean" | "transformers"); return the name of
+        the one that runs: "lean-native" or "lean-onednn" (backends/lean.py with thinklab's own
+        kernels or oneDNN's; "lean-native-sdpa" where the native attention kernel does not fit
+        the head size), "transformers-packed" (transformers' modules, float32 CPU linears
+        prepacked for oneDNN) or "transformers" (transformers' modules as they are). The names
+        differ where the arithmetic does, so run.json can tell runs apart that round differently."""
+        if requested == "transformers":
+            return "transformers"
+        reason = lean.LeanDecoder.unsupported(self.model)
+        if reason is None:
+            self.lean = lean.LeanDecoder(self.model, batch_hint=self.max_batch_size)
+            if self.lean.native is None:
+                return "lean-onednn"
+            return "lean-native" if self.lean.native_attention else "lean-native-sdpa"
+        if requested == "lean":
+            raise ValueError(f"forward='lean' cannot run {self.resolved.name}: {reason}; "
+                             "use forward='auto' or forward='transformers'")
+        if self.device.type == "cpu" and not self.quantization_report.get("form") == "kernel":
+            self.packed_linears = lean.pack_linears(self.model, batch_hint=self.max_batch_size)
+        return "transformers-packed" if self.packed_linears else "transformers"
+
+    moe_top_k_settable = True
 
     def set_moe_top_k(self, k: int | None) -> None:
         """Route each token to k experts (None: the checkpoint's own number); refuses dense models."""
@@ -249,6 +266,26 @@ class HFBackend(Backend):
     def tokenizer(self):
         return self._tokenizer
 
+    def routing_columns(self, prompts, traces, n_thinking) -> list[dict] | None:
+        from thinklab import moe
+
+        if not moe.is_moe(self.model):
+            return None
+        stats = moe.routing_stats(self.model, prompts, [t.token_ids for t in traces], n_thinking,
+                                  token_entropy=[t.token_entropy for t in traces], pad_id=self.pad_id)
+        nan_to_none = lambda v: None if v is None or v != v else v  # noqa: E731
+        return [{"expert_load": st.get("expert_load"),
+                 "router_entropy_thinking": nan_to_none(st.get("router_entropy_thinking")),
+                 "router_entropy_answer": nan_to_none(st.get("router_entropy_answer"))} for st in stats]
+
+    @property
+    def identity(self) -> dict:
+        return {"model": self.resolved.name, "fingerprint": self.resolved.fingerprint,
+                "dtype": str(self.dtype).removeprefix("torch."), "forward": self.forward_name,
+                # rows in their own cache slots (the scheduler) or fixed left-padded batches: the
+                # two round differently, so a run is resumed only under the layout it began with
+                "decode_layout": "rows" if self.lean is not None else "fixed-batch"}
+
     @property
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -266,8 +303,10 @@ class HFBackend(Backend):
                 "batching": ("continuous: rows refilled as they finish, one prefill per distinct prompt, follow-up "
                              "calls continued in their row (thinklab.backends.scheduler)" if self.lean is not None
                              else "fixed batches, each until its longest row ends"),
-                "forward": (self.lean.describe() if self.lean is not None else
-                            "transformers" + (" with oneDNN prepacked linears" if self.packed_linears else "")),
+                "forward": self.forward_name,
+                "forward_detail": (self.lean.describe() if self.lean is not None else
+                                   "transformers' modules" + (f", {self.packed_linears} linears prepacked for oneDNN"
+                                                              if self.packed_linears else "")),
                 "rng": ("one torch.Generator per sample seeded with its seed draws one float64 uniform per token, "
                         "all up front; the token is the inverse CDF (float64 cumulative sum) of the processed distribution"),
                 **({"quantization": self.quantization_report} if self.quantization_report else {}),
@@ -295,6 +334,7 @@ class HFBackend(Backend):
               progress: bool = False) -> None:
         scheduler = self.scheduler()
         if scheduler is None:
+            self.last_serve_stats = None
             return super().serve(requests, on_tokens=on_tokens, progress=progress)
         self.last_serve_stats = scheduler.serve(requests, on_tokens=on_tokens).as_dict()
 

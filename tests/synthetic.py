@@ -1,4 +1,4 @@
-"""Seeded synthetic sample tables, for tests and benchmarks of the analysis layer.
+"""Seeded synthetic sample tables: a test fixture for the analysis layer and its benchmark.
 
 `synthetic_samples` writes a table with the sample-table contract's columns and dtypes
 (plus the metadata columns `level` and `subject`) without any model. The numbers follow

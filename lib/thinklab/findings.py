@@ -1,0 +1,596 @@
+"""The findings sweep and its report: `thinklab findings [--generate]`.
+
+A `FindingsPlan` names every run the seven findings need (see
+`thinklab.analysis.findings` for the findings and their statistics). Conditions share
+runs wherever their specs coincide:
+
+- the *base* run of each task (the plan's temperature, `temperature_samples` samples,
+  uncapped) serves (a), (b) and (c), is the temperature grid's point at that temperature
+  for (d), the uncapped point of the budget curve (g), and the baseline of (e);
+- the budget, quantization and MoE runs draw `n_samples` samples; since a sample's seed
+  depends only on (seed, problem, sample index), their samples pair with the base run's
+  first `n_samples`, and the comparisons join on (problem, sample index, seed).
+
+`generate(plan)` runs every spec through `thinklab.runner.run`, which stores each run
+under its content-addressed directory and resumes a killed run where it stopped, so the
+sweep can be carried across sittings by running the same command again. `write_report`
+reads the stored runs whose specs the plan names (only complete ones), computes the
+findings, exports one figure per finding and writes FINDINGS.md. The report is generated,
+never edited by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from thinklab import paths
+from thinklab.analysis import findings as F
+from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
+from thinklab.store import RunStore
+
+
+def _run_id(spec: RunSpec) -> str:
+    from thinklab import runner
+
+    return runner.run_id(spec)
+
+
+__all__ = ["FindingsPlan", "PRESETS", "plan_from_options", "generate", "compute", "write_report"]
+
+FINDING_KEYS = tuple("abcdefg")
+# offline MoEs built by MoEfication of a dense model (thinklab.moe.OFFLINE, not imported: it loads transformers)
+MOEFIED = ("smollm2-135m-moe16",)
+
+
+@dataclass(frozen=True)
+class FindingsPlan:
+    """Every knob of the findings sweep; the defaults are the scale issue 18 asks for."""
+
+    model: str = "qwen2.5-0.5b"  # the model of (a)-(e) and (g)
+    tasks: tuple[str, ...] = ("gsm8k", "math500:level=1,2,3")  # where its accuracy is not near zero
+    n_problems: int = 200  # per task (and per MoE task)
+    n_samples: int = 4  # per problem in the budget, quantization and MoE runs
+    temperature_samples: int = 8  # per problem in the base run and the temperature grid
+    temperature: float = 0.7  # the base run's temperature, shared by every condition but (d)'s grid
+    temperatures: tuple[float, ...] = (0.4, 0.7, 1.0)  # (d)
+    budgets: tuple[int | None, ...] = (64, 128, 256, 512, None)  # (g), thinking tokens; None = uncapped (the base run)
+    max_tokens: int = 768  # cap on all generated tokens per sample
+    answer_budget: int = 64  # tokens allowed after a forced answer cue
+    int8_format: str = "int8-wo"  # (e), see docs/quantization.md
+    four_bit_format: str = "int4-wo"  # (e)
+    moe_model: str = "smollm2-135m-moe16"  # (f): the offline MoEfied SmolLM2 (no MoE weights ship offline)
+    moe_tasks: tuple[str, ...] = ("rg:basic_arithmetic",)  # (f): where the dense SmolLM2 is not near zero
+    top_k_values: tuple[int, ...] = (4, 8, 12, 16)  # (f), active experts per token; the largest is the reference
+    backend: str = "hf"
+    seed: int = 0  # picks the problems and every sample's seed
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "temperatures", "budgets", "moe_tasks", "top_k_values"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{name}={value!r} is not valid; give a list of values")
+            object.__setattr__(self, name, tuple(value))
+        if not self.tasks:
+            raise ValueError("tasks=() is not valid; give at least one task")
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples={self.n_samples} is not valid; (a) needs at least 2 samples per problem")
+        if self.temperature_samples < self.n_samples:
+            raise ValueError(f"temperature_samples={self.temperature_samples} is not valid; it must be at least "
+                             f"n_samples={self.n_samples} (the base run serves both)")
+        if self.temperature <= 0 or any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"temperature={self.temperature}, temperatures={self.temperatures} are not valid; "
+                             "sampled findings need temperatures above 0")
+        if len(set(self.temperatures) | {self.temperature}) < 2:
+            raise ValueError(f"temperatures={self.temperatures} is not valid; (d) needs at least two temperatures")
+        if len(set(self.budgets)) < 2 or any(b is not None and b < 1 for b in self.budgets):
+            raise ValueError(f"budgets={self.budgets} is not valid; give at least two budgets, positive ints or None")
+        if self.int8_format == self.four_bit_format:
+            raise ValueError(f"int8_format and four_bit_format are both {self.int8_format!r}; give two formats")
+        if len(set(self.top_k_values)) < 2 or any(k < 1 for k in self.top_k_values):
+            raise ValueError(f"top_k_values={self.top_k_values} is not valid; give at least two positive ints")
+
+    def replace(self, **changes) -> "FindingsPlan":
+        return dataclasses.replace(self, **changes)
+
+    # -- the conditions ------------------------------------------------------------------
+    def _spec(self, task: str, *, model: str | None = None, temperature: float | None = None, n: int | None = None,
+              budget: int | None = None, quantization: str | None = None, moe_top_k: int | None = None) -> RunSpec:
+        return RunSpec(
+            model=ModelSpec(name=model or self.model, backend=self.backend, quantization=quantization,
+                            moe_top_k=moe_top_k),
+            task=task,
+            n_problems=self.n_problems,
+            task_seed=self.seed,
+            sampling=SamplingSpec(temperature=self.temperature if temperature is None else temperature,
+                                  n=n or self.n_samples, max_tokens=self.max_tokens, seed=self.seed),
+            budget=BudgetSpec(thinking_budget=budget, answer_budget=self.answer_budget),
+        )
+
+    def base(self, task: str) -> RunSpec:
+        return self._spec(task, n=self.temperature_samples)
+
+    def temperature_runs(self, task: str) -> dict[float, RunSpec]:
+        grid = sorted(set(self.temperatures) | {self.temperature})
+        return {t: self._spec(task, temperature=t, n=self.temperature_samples) for t in grid}
+
+    def budget_runs(self, task: str) -> dict[int | None, RunSpec]:
+        return {b: self.base(task) if b is None else self._spec(task, budget=b) for b in self.budgets}
+
+    def quantization_runs(self, task: str) -> dict[str | None, RunSpec]:
+        return {None: self.base(task), self.int8_format: self._spec(task, quantization=self.int8_format),
+                self.four_bit_format: self._spec(task, quantization=self.four_bit_format)}
+
+    def moe_runs(self, task: str) -> dict[int, RunSpec]:
+        return {k: self._spec(task, model=self.moe_model, moe_top_k=k) for k in sorted(set(self.top_k_values))}
+
+    def summary(self) -> str:
+        """How many runs and samples the plan asks for."""
+        specs = self.specs()
+        samples = sum(s.n_problems * s.sampling.n for s in specs)
+        return f"{len(specs)} runs, {samples} samples at up to {self.max_tokens} tokens each"
+
+    def specs(self) -> list[RunSpec]:
+        """Every run, each once, the dense model's first (one model load), the base runs leading."""
+        ordered: dict[RunSpec, RunSpec] = {}
+        for task in self.tasks:
+            ordered.setdefault(self.base(task), self.base(task))
+        for task in self.tasks:
+            for group in (self.quantization_runs(task), self.budget_runs(task), self.temperature_runs(task)):
+                for spec in group.values():
+                    ordered.setdefault(spec, spec)
+        for task in self.moe_tasks:
+            for spec in self.moe_runs(task).values():
+                ordered.setdefault(spec, spec)
+        return list(ordered.values())
+
+
+PRESETS = {
+    "full": FindingsPlan(),
+    # a few minutes on 2 CPU cores: proves the pipeline end to end, resolves nothing
+    "smoke": FindingsPlan(model="default", tasks=("rg:basic_arithmetic",), n_problems=6, n_samples=2,
+                          temperature_samples=4, temperatures=(0.7, 1.0), budgets=(16, 32, None), max_tokens=96,
+                          answer_budget=16, top_k_values=(8, 16)),
+}
+
+
+def plan_from_options(preset: str = "full", **changes) -> FindingsPlan:
+    """A preset (`full`, the issue's scale; `smoke`, tiny) with some fields changed."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not valid; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset].replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- generating
+
+
+def _describe(spec: RunSpec) -> str:
+    knobs = [spec.model.name, spec.task, f"T={spec.sampling.temperature:g}", f"n={spec.sampling.n}"]
+    if spec.budget.thinking_budget is not None:
+        knobs.append(f"budget={spec.budget.thinking_budget}")
+    if spec.model.quantization:
+        knobs.append(spec.model.quantization)
+    if spec.model.moe_top_k is not None:
+        knobs.append(f"top-k={spec.model.moe_top_k}")
+    return ", ".join(knobs)
+
+
+def _check_formats(plan: FindingsPlan) -> None:
+    """Refuse a quantization format this host cannot run before hours of other runs."""
+    if plan.backend != "hf":
+        return
+    import torch
+
+    from thinklab import quantization
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for fmt in (plan.int8_format, plan.four_bit_format):
+        quantization.check(fmt, device)
+
+
+def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: bool = True) -> list[Path]:
+    """Run (or resume, or load) every run of the plan; return their directories."""
+    from thinklab import runner
+
+    _check_formats(plan)
+    specs = plan.specs()
+    if progress:
+        print(f"[findings] {plan.summary()}; a killed sweep resumes where it stopped", file=sys.stderr)
+    out = []
+    for i, spec in enumerate(specs):
+        if progress:
+            print(f"[findings] run {i + 1}/{len(specs)} {_run_id(spec)}: {_describe(spec)}", file=sys.stderr)
+        runner.run(spec, runs_root=runs_root, progress=progress)
+        out.append(runner.run_dir(spec, runs_root))
+    return out
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+@dataclass
+class StoredRun:
+    spec: RunSpec
+    directory: Path
+    meta: dict | None
+    frame: pl.DataFrame | None  # None unless complete
+    problem: str = ""  # why it cannot be used
+
+    @property
+    def usable(self) -> bool:
+        return self.frame is not None
+
+
+class Store:
+    """The plan's runs as the store holds them, each read once."""
+
+    def __init__(self, runs_root: Path | str | None = None):
+        self.root = Path(runs_root) if runs_root else paths.runs_dir()
+        self.runs: dict[str, StoredRun] = {}
+
+    def get(self, spec: RunSpec) -> StoredRun:
+        from thinklab import runner
+
+        key = _run_id(spec)
+        if key in self.runs:
+            return self.runs[key]
+        directory = runner.run_dir(spec, self.root)
+        run = StoredRun(spec, directory, None, None)
+        store = RunStore(directory)
+        if not store.meta_path.is_file():
+            run.problem = "not generated"
+        else:
+            try:
+                run.meta = store.read_meta()
+            except (OSError, ValueError) as exc:
+                run.meta = {}
+                run.problem = f"unreadable run.json ({exc})"
+            if run.problem:
+                pass
+            elif run.meta.get("run_id") != key:
+                run.problem = f"its run.json names another run ({run.meta.get('run_id')})"
+            elif run.meta.get("status") != "complete":
+                run.problem = f"incomplete ({len(store.done_chunks())} parts written)"
+            else:
+                run.frame = store.load()
+        self.runs[key] = run
+        return run
+
+    def frames(self, specs: dict, label: str) -> tuple[dict, list[str]]:
+        """The frames of `specs` (knob -> spec) if all are usable, else ({}, what is missing)."""
+        runs = {knob: self.get(spec) for knob, spec in specs.items()}
+        missing = [f"{label}, {_describe(r.spec)}: {r.problem} ({_run_id(r.spec)})"
+                   for r in runs.values() if not r.usable]
+        return ({} if missing else {knob: r.frame for knob, r in runs.items()}), missing
+
+
+def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
+    frames = [f for f in frames if f is not None and f.height]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+def compute(plan: FindingsPlan, runs_root: Path | str | None = None, *, n_boot: int = 2000,
+            seed: int = 0) -> tuple[dict[str, F.Finding], Store]:
+    """Every finding from the stored runs the plan names. A task whose runs for a finding are
+    not all complete is left out of that finding (and listed); with none left, "no data"."""
+    store = Store(runs_root)
+    results: dict[str, F.Finding] = {}
+
+    def per_task(tasks, runs_of, label):
+        found, missing = {}, []
+        for task in tasks:
+            frames, gaps = store.frames(runs_of(task), f"{label} for {task}")
+            missing += gaps
+            if frames:
+                found[task] = frames
+        return found, missing
+
+    def finish(key, found, missing, build):
+        if not found:
+            results[key] = F.no_data(key, missing)
+            return
+        results[key] = build(found)
+        results[key].notes += [f"missing run, its task left out: {m}" for m in missing]
+
+    base, missing = per_task(plan.tasks, lambda t: {None: plan.base(t)}, "base run")
+    for key, build in (("a", F.finding_a), ("b", F.finding_b), ("c", F.finding_c)):
+        finish(key, base, missing, lambda found, build=build: build(
+            _stack([r[None] for r in found.values()]), n_boot=n_boot, seed=seed))
+
+    temps, missing = per_task(plan.tasks, plan.temperature_runs, "temperature run")
+    finish("d", temps, missing, lambda found: F.finding_d(
+        _stack([f for runs in found.values() for f in runs.values()]), n_boot=n_boot, seed=seed))
+
+    quant, missing = per_task(plan.tasks, plan.quantization_runs, "quantization run")
+    finish("e", quant, missing, lambda found: F.finding_e(
+        _stack([r[None] for r in found.values()]), _stack([r[plan.int8_format] for r in found.values()]),
+        _stack([r[plan.four_bit_format] for r in found.values()]), n_boot=n_boot, seed=seed))
+
+    moe, missing = per_task(plan.moe_tasks, plan.moe_runs, "MoE run")
+    finish("f", moe, missing, lambda found: F.finding_f(
+        {k: _stack([r[k] for r in found.values()]) for k in sorted(set(plan.top_k_values))}, n_boot=n_boot, seed=seed))
+
+    budgets, missing = per_task(plan.tasks, plan.budget_runs, "budget run")
+    finish("g", budgets, missing, lambda found: F.finding_g(
+        {b: _stack([r[b] for r in found.values()]) for b in plan.budgets}, n_boot=n_boot, seed=seed))
+    return {k: results[k] for k in FINDING_KEYS}, store
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _error_bars(frame: pl.DataFrame, y: str) -> dict:
+    return dict(error_y=(frame["ci_high"] - frame[y]).to_list(), error_y_minus=(frame[y] - frame["ci_low"]).to_list())
+
+
+FIGURE_TITLES = {
+    "a": "accuracy of the sample kept, by rule",
+    "b": "length of correct and incorrect samples",
+    "c": "mean token entropy by phase",
+    "d": "pass@k and maj@k, single temperatures and pooled",
+    "e": "accuracy delta vs baseline by level",
+    "f": "accuracy vs active experts",
+    "g": "accuracy vs thinking budget",
+}
+
+
+def _figure(finding: F.Finding):
+    """One plotly figure per finding from its tables (None when it has none)."""
+    import plotly.express as px
+
+    t = finding.tables
+    title = f"({finding.key}) {FIGURE_TITLES[finding.key]} ({finding.source})"
+    if finding.key == "a" and "selection" in t:
+        frame = t["selection"]
+        fig = px.bar(frame, x="method", y="accuracy", **_error_bars(frame, "accuracy"))
+        fig.update_layout(yaxis_title="accuracy (95% CI over problems)")
+    elif finding.key == "b" and "lengths" in t:
+        frame = t["lengths"].with_columns(
+            graded=pl.when(pl.col("correct")).then(pl.lit("correct")).otherwise(pl.lit("incorrect")))
+        fig = px.box(frame, x="task", y="n_tokens", color="graded", points="outliers")
+        fig.update_layout(yaxis_title="generated tokens")
+    elif finding.key == "c" and "phase_entropy" in t:
+        frame = t["phase_entropy"].filter(pl.col("phase") != "all").with_columns(
+            graded=pl.when(pl.col("correct")).then(pl.lit("correct")).otherwise(pl.lit("incorrect")))
+        fig = px.bar(frame, x="phase", y="mean_entropy", color="graded", barmode="group", error_y="std",
+                     hover_data=["n"])
+        fig.update_layout(yaxis_title="mean token entropy (nats, ± std over samples)")
+    elif finding.key == "d" and "pooled_voting" in t:
+        frame = t["pooled_voting"].with_columns(
+            condition=pl.when(pl.col("scheme") == "single")
+            .then(pl.format("T={}", pl.col("temperature").round(2)))
+            .otherwise(pl.col("scheme")))
+        long = frame.unpivot(index=["condition", "k"], on=["pass_at_k", "maj_at_k"], variable_name="metric")
+        fig = px.bar(long, x="condition", y="value", color="metric", barmode="group")
+        fig.update_layout(yaxis_title=f"mean over problems at k = {frame['k'].max()}")
+    elif finding.key == "e" and "deltas_by_level" in t:
+        frame = t["deltas_by_level"].with_columns(
+            level=pl.col("level").cast(pl.Utf8).fill_null("none"))
+        fig = px.bar(frame, x="level", y="delta", color="format", barmode="group", **_error_bars(frame, "delta"))
+        fig.update_layout(yaxis_title="accuracy delta vs baseline (paired, 95% CI)", xaxis_title="difficulty level")
+    elif finding.key == "f" and "accuracy_vs_k" in t:
+        frame = t["accuracy_vs_k"].sort("moe_top_k")
+        fig = px.line(frame, x="moe_top_k", y="estimate", markers=True, **_error_bars(frame, "estimate"))
+        fig.update_layout(xaxis_title="active experts per token (top-k)", yaxis_title="accuracy (95% CI)")
+    elif finding.key == "g" and "accuracy_vs_budget" in t:
+        frame = t["accuracy_vs_budget"].with_columns(
+            budget=pl.col("thinking_budget").cast(pl.Utf8).fill_null("uncapped"))
+        fig = px.line(frame, x="budget", y="accuracy", markers=True, hover_data=["mean_thinking_tokens"],
+                      **_error_bars(frame, "accuracy"))
+        fig.update_layout(xaxis_title="thinking budget (tokens)", yaxis_title="accuracy (95% CI)")
+    else:
+        return None
+    fig.update_layout(title=dict(text=title, font=dict(size=15)))
+    return fig
+
+
+def _export_figures(findings: dict[str, F.Finding], figures_dir: Path) -> tuple[dict[str, list[Path]], str]:
+    from thinklab import plots
+
+    status = plots.static_export_status()
+    formats = ("png", "html") if status == "ok" else ("html",)
+    out = {}
+    for key, finding in findings.items():
+        fig = _figure(finding)
+        out[key] = [] if fig is None else plots.export(fig, f"finding_{key}", "findings", formats=formats,
+                                                       out_dir=figures_dir)
+    return out, status
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    digits = 1 if unit == "tokens" else 3
+    return f"{value:+.{digits}f}"
+
+
+def _ci(stat: F.Statistic) -> str:
+    if stat.ci_low is None:
+        return "-"
+    return f"[{_fmt(stat.ci_low, stat.unit)}, {_fmt(stat.ci_high, stat.unit)}]"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _stat_row(stat: F.Statistic, label: str | None = None) -> str:
+    return "| " + " | ".join(_cell(c) for c in (
+        label or stat.name,
+        _fmt(stat.estimate, stat.unit) + (f" {stat.unit}" if stat.unit and stat.estimate is not None else ""),
+        _ci(stat), str(stat.n_problems), str(stat.n_samples), _share(stat.truncated_share),
+        stat.verdict or "(context)", stat.remarks)) + " |"
+
+
+STAT_HEADER = ("| statistic | estimate | 95% CI | problems | samples | truncated | verdict | note |\n"
+               "|---|---|---|---|---|---|---|---|")
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    drop = [c for c in frame.columns if frame.schema[c].is_nested()]
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   tbl_rows=-1, tbl_cols=-1, float_precision=3, fmt_str_lengths=60, tbl_width_chars=1000):
+        return str(frame.drop(drop))
+
+
+def _relative(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m {seconds % 60:02d}s"
+
+
+def _model_description(name: str) -> str:
+    """What its build manifest says a derived model is (the offline MoE says it plainly), else its name."""
+    from thinklab import models
+
+    try:
+        manifest = json.loads((paths.models_dir() / name / models.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"`{name}`"
+    description = manifest.get("description")
+    return f"`{name}` ({description})" if description else f"`{name}`"
+
+
+def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, figures: dict[str, list[Path]],
+           figure_status: str, out: Path, command: str) -> str:
+    """FINDINGS.md as text."""
+    used = [r for r in store.runs.values() if r.usable]
+    seconds = sum(float((r.meta or {}).get("generate_seconds") or 0) for r in used)
+    commits = sorted({str((r.meta or {}).get("git_commit")) for r in used if (r.meta or {}).get("git_commit")})
+    frames = [r.frame for r in used]
+    n_samples = sum(f.height for f in frames)
+    truncated = (sum(int((f["finish_reason"] == "length").sum()) for f in frames) / n_samples) if n_samples else None
+    grid = sorted(set(plan.temperatures) | {plan.temperature})
+    lines = [
+        "# Findings: the seed papers' claims, measured",
+        "",
+        f"Generated by `{command}` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from the stored runs; "
+        "do not edit by hand: rerun the command to regenerate it.",
+        "",
+        f"- **Model**: `{plan.model}` for (a)-(e) and (g); for (f) {_model_description(plan.moe_model)}"
+        + (": not a trained MoE and no compute saved; it measures what accuracy costs when each token keeps only "
+           "k of the dense model's neuron groups." if plan.moe_model in MOEFIED else "."),
+        f"- **Tasks**: {', '.join(f'`{t}`' for t in plan.tasks)} ({plan.n_problems} problems each); "
+        f"(f) on {', '.join(f'`{t}`' for t in plan.moe_tasks)}.",
+        f"- **Sampling**: temperature {plan.temperature:g} (grid {', '.join(f'{t:g}' for t in grid)} for (d)), "
+        f"{plan.temperature_samples} samples per problem in the base and temperature runs, {plan.n_samples} in the "
+        f"budget, quantization and MoE runs; max_tokens {plan.max_tokens}; thinking budgets "
+        f"{', '.join(_budget(b) for b in plan.budgets)}; formats {plan.int8_format}, {plan.four_bit_format}; "
+        f"top-k {', '.join(map(str, sorted(set(plan.top_k_values))))}; backend {plan.backend}; seed {plan.seed}.",
+        f"- **Runs**: {len(used)} of {len(store.runs)} complete, {n_samples} samples, "
+        f"{_share(truncated)} cut off at max_tokens.",
+        *(["- **More than 10% of the samples were cut off at max_tokens**: their lengths and answers are "
+            "censored; raise --max-tokens."] if truncated is not None and truncated >= 0.10 else []),
+        f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json; a run resumed across sittings "
+        f"counts its last sitting): {_duration(seconds)}.",
+        f"- **Commit** that generated the runs: {', '.join(f'`{c}`' for c in commits) or '-'}; "
+        f"of this report: `{_report_commit()}`.",
+        "- **Intervals**: 95% percentile bootstrap over problems, paired where the comparison is paired (where the "
+        "best of m temperatures or budgets is chosen on the same data, Bonferroni-widened to 1 - 0.05/m); "
+        "**verdict** computed by code: *holds* (interval excludes 0 in the claim's direction), *reversed* "
+        "(excludes 0 the other way), *not resolved* (contains 0, or fewer than 10 problems), *no data* (runs missing).",
+        "",
+        "| | finding | source | statistic | estimate | 95% CI | problems | samples | truncated | verdict "
+        "| other parts | figure |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, f in findings.items():
+        s = f.primary
+        others = "; ".join(f"{p.name}: {p.verdict}" for p in f.parts if p.direction is not None)
+        fig = ", ".join(f"[{p.suffix[1:]}]({_relative(p, out.parent)})" for p in figures.get(key, []))
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            key, f.claim, f.source, s.name, _fmt(s.estimate, s.unit), _ci(s), str(s.n_problems), str(s.n_samples),
+            _share(s.truncated_share), f"**{s.verdict}**", others or "-", fig or "-")) + " |")
+    if figure_status != "ok":
+        lines += ["", f"Figures are HTML only: {figure_status}."]
+    for key, f in findings.items():
+        lines += ["", f"## ({key}) {f.claim}", "", f"Source: {f.source}.", ""]
+        s = f.primary
+        if s.definition:
+            lines += [f"**Statistic**: {s.name}: {s.definition}. The claim predicts it is "
+                      f"{_direction(s)}.", ""]
+        lines += [STAT_HEADER, _stat_row(s)]
+        for part in f.parts:
+            lines.append(_stat_row(part))
+        if f.parts:
+            lines += [""] + [f"- *{p.name}*: {p.definition}." for p in f.parts if p.definition]
+        if f.by_task:
+            lines += ["", "Per task (the primary statistic):", "", STAT_HEADER]
+            lines += [_stat_row(stat, f"{task}") for task, stat in f.by_task.items()]
+        for name, table in f.tables.items():
+            if name in ("lengths", "entropy_length"):
+                continue  # per-sample tables feed the figures only
+            lines += ["", f"`{name}`:", "", _markdown_table(table)]
+        if figures.get(key):
+            lines += ["", "Figure: " + ", ".join(f"[{_relative(p, out.parent)}]({_relative(p, out.parent)})"
+                                                 for p in figures[key])]
+        if f.notes:
+            lines += [""] + [f"- {n}" for n in f.notes]
+    lines += ["", "## Runs", "",
+              "| run | spec | problems | samples | truncated | generate_seconds | forward | commit | status |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in store.runs.values():
+        meta = r.meta or {}
+        frame = r.frame
+        lines.append("| " + " | ".join(_cell(str(c)) for c in (
+            f"`{_run_id(r.spec)}`", _describe(r.spec),
+            frame["problem_id"].n_unique() if frame is not None else "-",
+            frame.height if frame is not None else "-",
+            _share(float((frame["finish_reason"] == "length").mean())) if frame is not None and frame.height else "-",
+            meta.get("generate_seconds", "-"), (meta.get("backend") or {}).get("forward", "-"),
+            meta.get("git_commit", "-"),
+            "complete" if r.usable else r.problem)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _report_commit() -> str:
+    try:
+        from thinklab.runner import _git_commit
+    except ImportError:
+        return "-"
+    return _git_commit() or "-"
+
+
+def _budget(b) -> str:
+    return "uncapped" if b is None else str(b)
+
+
+def _direction(stat: F.Statistic) -> str:
+    if stat.direction == 0:
+        return f"within ±{stat.margin:g} of 0"
+    return "above 0" if stat.direction == 1 else "below 0"
+
+
+def write_report(plan: FindingsPlan, runs_root: Path | str | None = None, out: Path | str | None = None,
+                 figures_dir: Path | str | None = None, *, n_boot: int = 2000, seed: int = 0,
+                 command: str = "thinklab findings") -> Path:
+    """Compute every finding from the stored runs, export the figures, write the report; return its path."""
+    out = Path(out) if out else paths.project_root() / "FINDINGS.md"
+    figures_dir = Path(figures_dir) if figures_dir else paths.figures_dir("findings")
+    findings, store = compute(plan, runs_root, n_boot=n_boot, seed=seed)
+    figures, status = _export_figures(findings, figures_dir)
+    text = render(plan, findings, store, figures, status, out, command)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,244 @@
+"""The findings report: verdicts on tables with known answers, and the report from a real run store.
+
+No model: the tables come from `findings_tables` (built to show each finding, its
+reverse, or no effect), and the store test writes them with `thinklab.store.RunStore`
+where the runner would have.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import findings_tables as T
+from thinklab import cli, runner
+from thinklab.analysis import findings as F
+from thinklab.findings import FindingsPlan, PRESETS, compute, plan_from_options, write_report
+from thinklab.store import RunStore
+
+N_BOOT = 400
+EXPECTED = {1: "holds", -1: "reversed", 0: "not resolved"}
+EFFECTS = sorted(EXPECTED, reverse=True)
+
+
+def _findings(effect: int) -> dict[str, F.Finding]:
+    base, int8, four = T.quantization_tables(effect)
+    return {
+        "a": F.finding_a(T.shortest_table(effect), n_boot=N_BOOT),
+        "b": F.finding_b(T.length_table(effect), n_boot=N_BOOT),
+        "c": F.finding_c(T.entropy_table(effect), n_boot=N_BOOT),
+        "d": F.finding_d(T.temperature_table(effect), n_boot=N_BOOT),
+        "e": F.finding_e(base, int8, four, n_boot=N_BOOT),
+        "f": F.finding_f(T.moe_tables(effect), n_boot=N_BOOT),
+        "g": F.finding_g(T.budget_tables(effect), n_boot=N_BOOT),
+    }
+
+
+@pytest.fixture(scope="module", params=EFFECTS, ids=lambda e: {1: "finding", -1: "reverse", 0: "no-effect"}[e])
+def built(request):
+    return request.param, _findings(request.param)
+
+
+@pytest.mark.parametrize("key", list("abcdefg"))
+def test_primary_verdict(built, key):
+    effect, findings = built
+    stat = findings[key].primary
+    assert stat.verdict == EXPECTED[effect], (key, stat)
+    assert stat.n_problems > 0 and stat.n_samples > 0
+    assert stat.ci_low - 1e-9 <= stat.estimate <= stat.ci_high + 1e-9
+    if effect == 0:
+        assert stat.estimate == pytest.approx(0.0, abs=1e-12)
+
+
+def test_primary_values_are_the_built_effects():
+    a = F.finding_a(T.shortest_table(1), n_boot=N_BOOT).primary
+    # the shortest sample is always right; a random one is right c/n of the time
+    counts = T._correct_counts(40, 4, 0)
+    assert a.estimate == pytest.approx(np.mean(1 - counts / 4))
+    b = F.finding_b(T.length_table(1), n_boot=N_BOOT).primary
+    assert b.estimate == pytest.approx(60.0, abs=1.0) and b.unit == "tokens"
+    c = F.finding_c(T.entropy_table(0), n_boot=N_BOOT).primary
+    assert c.estimate == 0.0
+    d = F.finding_d(T.temperature_table(1), n_boot=N_BOOT)
+    # pooled pass@4 from 12 samples of which 4 are right, against 1/3 solved at any one temperature
+    assert d.primary.estimate == pytest.approx((1 - 70 / 495) - 1 / 3)
+    assert "k = 4" in d.primary.note
+
+
+def test_other_parts_follow_the_built_tables():
+    for effect in (1, -1):
+        findings = _findings(effect)
+        corr = findings["c"].parts[0]
+        assert corr.verdict == EXPECTED[effect], corr
+        voting = findings["d"].parts[0]
+        assert voting.verdict == EXPECTED[effect], voting
+        int8, four_vs_int8, level = findings["e"].parts
+        assert int8.verdict == "holds" and int8.estimate == 0.0  # int8 equals the baseline in every table
+        assert four_vs_int8.verdict == EXPECTED[effect]
+        assert level.verdict == EXPECTED[effect], level  # harder levels flip more, in the built direction
+        assert "level 3 vs level 1" in level.note
+    union = _findings(1)["d"].parts[1]
+    assert union.direction is None and union.verdict == ""  # context only: cannot be negative
+    assert union.estimate == pytest.approx(1 - 1 / 3)
+
+
+def test_peak_budget_and_its_interval():
+    g = F.finding_g(T.budget_tables(1), n_boot=N_BOOT).primary
+    assert "peaks at budget 128" in g.note
+    # the uncapped run has 8 samples, the capped ones 4: only the 4 shared samples count
+    assert g.n_samples == 3 * 50 * 4
+    rising = F.finding_g(T.budget_tables(-1), n_boot=N_BOOT).primary
+    assert "peaks at budget uncapped" in rising.note
+
+
+def test_verdict_rule():
+    assert F.verdict(0.1, 0.3, 1) == "holds"
+    assert F.verdict(0.1, 0.3, -1) == "reversed"
+    assert F.verdict(-0.3, -0.1, -1) == "holds"
+    assert F.verdict(-0.3, 0.1, 1) == "not resolved"
+    assert F.verdict(0.0, 0.0, 1) == "not resolved"
+    assert F.verdict(None, None, 1) == "no data"
+    assert F.verdict(float("nan"), 0.2, 1) == "no data"
+    assert F.verdict(-0.01, 0.02, 0, margin=0.03) == "holds"
+    assert F.verdict(-0.09, -0.05, 0, margin=0.03) == "reversed"
+    assert F.verdict(-0.05, 0.01, 0, margin=0.03) == "not resolved"
+    with pytest.raises(ValueError, match="margin"):
+        F.verdict(-0.1, 0.1, 0)
+    with pytest.raises(ValueError, match="direction=2"):
+        F.verdict(-0.1, 0.1, 2)
+
+
+def test_too_few_problems_resolve_nothing():
+    few = F.finding_a(T.shortest_table(1, n_problems=F.MIN_PROBLEMS - 1), n_boot=N_BOOT).primary
+    assert few.ci_low > 0 and few.verdict == "not resolved" and "fewer than" in few.remarks
+    enough = F.finding_a(T.shortest_table(1, n_problems=F.MIN_PROBLEMS), n_boot=N_BOOT).primary
+    assert enough.verdict == "holds" and "fewer than" not in enough.remarks
+
+
+def test_by_task_breakdown():
+    a1 = T.shortest_table(1)
+    a2 = T.shortest_table(-1).with_columns(task=np.array(["other"] * T.shortest_table(-1).height),
+                                           problem_id="other/" + T.shortest_table(-1)["problem_id"])
+    found = F.finding_a(a1.vstack(a2), n_boot=N_BOOT)
+    assert found.by_task[T.TASK].verdict == "holds"
+    assert found.by_task["other"].verdict == "reversed"
+    assert found.primary.n_problems == 80
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_plan_shares_runs_and_refuses_bad_values():
+    plan = FindingsPlan()
+    task = plan.tasks[0]
+    base = plan.base(task)
+    assert plan.temperature_runs(task)[plan.temperature] == base  # the grid's point at the base temperature
+    assert plan.budget_runs(task)[None] == base  # the uncapped budget
+    assert plan.quantization_runs(task)[None] == base  # the baseline
+    from thinklab.runner import run_id
+
+    ids = [run_id(s) for s in plan.specs()]
+    assert len(ids) == len(set(ids))
+    per_task = 1 + 2 + (len(plan.budgets) - 1) + (len(set(plan.temperatures)) - 1)
+    assert len(ids) == per_task * len(plan.tasks) + len(plan.top_k_values) * len(plan.moe_tasks)
+    assert all(s.n_problems >= 200 and s.sampling.max_tokens >= 512 for s in plan.specs())
+    assert base.sampling.n == 8 and plan.budget_runs(task)[64].sampling.n == 4
+    with pytest.raises(ValueError, match="temperature_samples=2"):
+        FindingsPlan(temperature_samples=2)
+    with pytest.raises(ValueError, match="budgets=\\(64,\\)"):
+        FindingsPlan(budgets=(64,))
+    with pytest.raises(ValueError, match="tasks='gsm8k'"):
+        FindingsPlan(tasks="gsm8k")
+    with pytest.raises(ValueError, match="preset='huge'"):
+        plan_from_options("huge")
+
+
+# --------------------------------------------------------------------------- the report from a store
+
+
+def _write(spec, frame, root, status="complete", seconds=2.5):
+    store = RunStore(runner.run_dir(spec, root))
+    store.write_meta({"run_id": runner.run_id(spec), "spec": spec.to_dict(), "status": status,
+                      "generate_seconds": seconds, "git_commit": "0123abc"})
+    if status == "complete":
+        store.write_part(0, frame.with_columns(run_id=frame["run_id"].str.replace(".*", runner.run_id(spec))))
+
+
+def _fill_store(plan: FindingsPlan, root, skip=()):
+    """Every run of the plan, as synthetic rows, where the runner would store it."""
+    rng = np.random.default_rng(0)
+    problems = list(range(plan.n_problems))
+    for spec in plan.specs():
+        if runner.run_id(spec) in skip:
+            continue
+        frame = T.random_table(problems, spec.sampling.n, rng, task=spec.task, model=spec.model.name,
+                               temperature=spec.sampling.temperature, thinking_budget=spec.budget.thinking_budget,
+                               quantization=spec.model.quantization, moe_top_k=spec.model.moe_top_k)
+        _write(spec, frame, root)
+
+
+SUMMARY = re.compile(r"^\| ([a-g]) \| (.*)$", re.M)
+
+
+def _summary_rows(text: str) -> dict[str, list[str]]:
+    return {m.group(1): [c.strip() for c in m.group(2).split(" | ")] for m in SUMMARY.finditer(text)}
+
+
+def test_report_from_a_run_store(tmp_path):
+    plan = PRESETS["smoke"].replace(n_problems=12)
+    _fill_store(plan, tmp_path / "runs")
+    out = write_report(plan, tmp_path / "runs", tmp_path / "FINDINGS.md", tmp_path / "figures", n_boot=200,
+                       command="thinklab findings --preset smoke")
+    text = out.read_text()
+    rows = _summary_rows(text)
+    assert sorted(rows) == list("abcdefg")
+    for key, cells in rows.items():
+        verdict = cells[8].strip("*")
+        assert verdict in ("holds", "reversed", "not resolved"), (key, cells)
+        assert re.fullmatch(r"\[[-+]\d+\.\d+, [-+]\d+\.\d+\]", cells[4]), (key, cells[4])  # the 95% CI
+        assert int(cells[5]) > 0 and int(cells[6]) > 0
+    n_runs = len(plan.specs())
+    assert f"{n_runs} of {n_runs} complete" in text
+    seconds = int(2.5 * n_runs)
+    assert f"0h {seconds // 60:02d}m {seconds % 60:02d}s" in text  # the sum of generate_seconds
+    assert "`0123abc`" in text and "Generated by `thinklab findings --preset smoke`" in text
+    for key in "abcdefg":
+        assert (tmp_path / "figures" / f"finding_{key}.html").is_file()
+        assert f"## ({key})" in text
+
+
+def test_report_with_missing_runs(tmp_path):
+    plan = PRESETS["smoke"].replace(n_problems=6)
+    four_bit = plan.quantization_runs(plan.tasks[0])[plan.four_bit_format]
+    _fill_store(plan, tmp_path / "runs", skip={runner.run_id(four_bit)})
+    _write(four_bit, None, tmp_path / "runs", status="running")
+    findings, store = compute(plan, tmp_path / "runs", n_boot=100)
+    assert findings["e"].verdict == "no data"
+    assert "incomplete" in findings["e"].primary.note and runner.run_id(four_bit) in findings["e"].primary.note
+    assert all(findings[k].verdict != "no data" for k in "abcdfg")
+
+    empty = write_report(plan, tmp_path / "nothing", tmp_path / "EMPTY.md", tmp_path / "fig2", n_boot=100)
+    rows = _summary_rows(empty.read_text())
+    assert sorted(rows) == list("abcdefg")
+    assert all(cells[8] == "**no data**" for cells in rows.values())
+
+
+def test_cli_writes_the_report(tmp_path, capsys):
+    plan = PRESETS["smoke"].replace(n_problems=5, budgets=(8, None))
+    _fill_store(plan, tmp_path / "runs")
+    out = tmp_path / "F.md"
+    code = cli.main(["findings", "--preset", "smoke", "--n-problems", "5", "--budgets", "8", "none",
+                     "--runs", str(tmp_path / "runs"), "--out", str(out), "--figures", str(tmp_path / "figs"),
+                     "--n-boot", "100"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    text = out.read_text()
+    assert len(_summary_rows(text)) == 7 and "**no data**" not in text
+    assert "thinklab findings --preset smoke --n-problems 5 --budgets 8 none" in text
+
+    code = cli.main(["findings", "--preset", "smoke", "--temperature-samples", "1", "--runs", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "bad.md")])
+    assert code == 2 and "temperature_samples=1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.md").exists()
