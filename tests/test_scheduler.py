@@ -126,6 +126,10 @@ class _Rounds(Backend):
     def info(self):
         return self.inner.info
 
+    @property
+    def identity(self):
+        return self.inner.identity
+
     def generate(self, *args, **kwargs):
         return self.inner.generate(*args, **kwargs)
 

@@ -61,9 +61,10 @@ def build_native():
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
     inlined serial and the kernels ran on one core."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
-    print("thinklab: loading the native CPU kernels (built once, ~1 min)", file=sys.stderr)
+    if not any(Path(_get_build_directory("thinklab_native", False)).glob("thinklab_native*.so")):
+        print("thinklab: building the native CPU kernels (once; about a minute)", file=sys.stderr)
     return load(name="thinklab_native", sources=[str(s) for s in NATIVE_SOURCES],
                 extra_include_paths=[str(NATIVE_DIR)], extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
@@ -79,6 +80,10 @@ def native_ops():
             _native = False
         else:
             try:
+                if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+                    # checked before building: the kernels cannot run here, so a minute of compiling would be lost
+                    raise RuntimeError(f"this CPU lacks AVX-512F, which the kernels are written for (torch reports "
+                                       f"{torch.backends.cpu.get_cpu_capability()})")
                 _native = build_native()
                 if not _native.cpu_supported():
                     raise RuntimeError("this CPU lacks AVX-512F, which the kernels are written for")
