@@ -81,7 +81,7 @@ def _serve(backend, requests):
 
 @pytest.mark.slow
 def test_sample_does_not_depend_on_neighbours_or_entry_time(fast_backend, chat_prompts):
-    assert fast_backend.lean is not None, "the embedded model must take the scheduled path"
+    assert fast_backend.forward.layout == "rows", "the embedded model must take the scheduled path"
     s = SamplingSpec(temperature=1.0)
     alone = [fast_backend.generate([p], [100 + i], s, 24, progress=False)[0] for i, p in enumerate(chat_prompts)]
     # Two slots, eight samples: the four above are queued behind four others (lower order runs
@@ -198,7 +198,7 @@ def tiny_decoder():
 def _serve_tiny(decoder, requests, rows, follow_up=None):
     """Serve requests on the tiny decoder; follow_up(request, completion, call index) may
     return a further call. Returns every (request, completion) served, and the numbers."""
-    from thinklab.backends.hf import choose_tokens
+    from thinklab.backends.sampling import choose_tokens
 
     served = []
 
@@ -271,7 +271,7 @@ def test_continued_calls_equal_fresh_calls(tiny_decoder):
 def test_token_choice_and_trace_of_a_row_do_not_depend_on_the_batch(sampling):
     """The torch sampler on a full vocabulary, a row alone and among five others, with the
     threads torch would use: the same bits."""
-    from thinklab.backends.hf import choose_tokens
+    from thinklab.backends.sampling import choose_tokens
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 49152, generator=g) * 3
