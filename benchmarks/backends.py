@@ -75,7 +75,7 @@ def timed(backend, prompts, seeds, sampling, tokens):
 @torch.inference_mode()
 def teacher_force(model, prompt: list[int], generated: list[int], sampling: SamplingSpec) -> torch.Tensor:
     """Processed log-probabilities (as the hf backend defines them) at each generated position. -> (T, V)."""
-    from thinklab.backends.hf import process_logits
+    from thinklab.backends.sampling import process_logits
 
     ids = torch.tensor([prompt + generated], dtype=torch.long, device=model.device)
     logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(generated) - 1].float()  # (T, V)

@@ -59,7 +59,7 @@ def main() -> None:
     def plain():
         B = len(prompts)
         with torch.inference_mode():
-            cache, forward = backend._decoder(B, L + args.tokens)
+            cache, forward = backend.forward.new_decoder(B, L + args.tokens)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = forward(ids, pos, mask, cache)
             att, nxt = mask, pos[:, -1:] + 1

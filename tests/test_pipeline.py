@@ -90,7 +90,12 @@ def _cli(root, *extra):
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(_cli(killed_root), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # Two rows at a time, so the chunks (one problem, two samples) finish one after another and
+    # the run can be killed between them; the clean run takes the default batch: a sample is the
+    # same bits whatever batch it decoded in.
+    two_rows = ("--batch-size", "2")
+    proc = subprocess.Popen(_cli(killed_root, *two_rows), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     run_dir = None
     while time.time() < deadline:
@@ -107,7 +112,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     n_parts = len(list(run_dir.glob("part-*.parquet")))
     assert 1 <= n_parts < 4, f"the run must be killed mid-way, found {n_parts} parts"
 
-    out = subprocess.run(_cli(killed_root), env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(_cli(killed_root, *two_rows), env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith(run_dir.name)
     subprocess.run(_cli(clean_root), env=env, capture_output=True, check=True)
 

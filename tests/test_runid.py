@@ -182,7 +182,7 @@ def test_an_alias_and_its_model_are_one_run(fast_backend, tmp_path):
     assert [d.name for d in tmp_path.iterdir()] == [first["run_id"][0]]
     meta = json.loads((tmp_path / first["run_id"][0] / "run.json").read_text())
     assert meta["resolved"] == fast_backend.identity
-    assert set(meta["resolved"]) == {"model", "fingerprint", "dtype", "forward"}
+    assert set(meta["resolved"]) == {"model", "fingerprint", "dtype", "forward", "decode_layout"}
     assert meta["resolved"]["dtype"] == "float32" and meta["resolved"]["forward"].startswith("lean-")
 
 

@@ -158,7 +158,7 @@ def test_greedy_agrees_with_transformers(vllm_backend, fast_backend, chat_prompt
 def test_sampled_logprobs_match_teacher_forced_transformers(vllm_backend, fast_backend, chat_prompts):
     """vLLM's processed log-probabilities describe softmax(logits / T): teacher-forcing its
     sampled tokens through the transformers model at the same T gives the same values."""
-    from thinklab.backends.hf import process_logits
+    from thinklab.backends.sampling import process_logits
 
     sampling = SamplingSpec(temperature=0.8)
     out = vllm_backend.generate(chat_prompts, [11, 12, 13, 14], sampling, 16, progress=False)

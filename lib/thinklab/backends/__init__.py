@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from thinklab.backends.base import Backend, BackendInfo, Completion
+from thinklab.backends.base import Backend, BackendInfo, Completion, Request
 from thinklab.config import BACKENDS, ModelSpec
 
-__all__ = ["Backend", "BackendInfo", "Completion", "load_backend"]
+__all__ = ["Backend", "BackendInfo", "Completion", "Request", "load_backend"]
 
 
 def load_backend(spec: ModelSpec) -> Backend:

