@@ -211,7 +211,7 @@ class ModelSpec:
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
     # numeric format; None = baseline. hf backend: "int8-wo" etc. are simulated (weights quantized then
     # dequantized, same forward as the baseline), "int8-wo:kernel" etc. run the format's own kernels
-    # (see thinklab.quantization); vLLM: its engine's method names, e.g. "fp8".
+    # (see thinklab.models.quantization); vLLM: its engine's method names, e.g. "fp8".
     quantization: str | None = None
     moe_top_k: int | None = None  # active experts per token; None = the checkpoint's own
     revision: str | None = None  # hub revision

@@ -103,7 +103,7 @@ def check_spec(spec: RunSpec) -> None:
     included), a token cap beyond the model's context length. Reads only the model's config."""
     m = spec.model
     if m.backend == "hf" and m.quantization is not None:
-        from thinklab import quantization
+        from thinklab.models import quantization
         from thinklab.backends.hf import pick_device
 
         quantization.check(m.quantization, pick_device())
@@ -313,12 +313,12 @@ def generate_chunk(spec: RunSpec, backend: Backend, problems: list, progress: bo
 
 def _routing_columns(backend: Backend, prompt_ids, traces, n_thinks) -> list[dict]:
     """Expert load and router entropy per sample for MoE models on the hf backend; else empty."""
-    from thinklab import moe
+    from thinklab.models import router
 
     model = getattr(backend, "model", None)
-    if model is None or not moe.is_moe(model):
+    if model is None or not router.is_moe(model):
         return [{} for _ in traces]
-    stats = moe.routing_stats(
+    stats = router.routing_stats(
         model, prompt_ids, [t.token_ids for t in traces], n_thinks,
         token_entropy=[t.token_entropy for t in traces], pad_id=getattr(backend, "pad_id", 0),
     )
