@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from thinklab import moe
+from thinklab import models
 from thinklab.config import ModelSpec, RunSpec, SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def moe_backend():
     from thinklab.backends.hf import HFBackend
 
     # built directly, not through runner.get_backend, so the session's dense backend stays loaded
-    backend = HFBackend(ModelSpec(name=moe.model_name(moe.DEFAULT_OFFLINE), backend="hf"))
+    backend = HFBackend(ModelSpec(name=models.model_name(models.DEFAULT_OFFLINE), backend="hf"))
     yield backend
     backend.close()
 
@@ -43,24 +43,24 @@ def _hooks(model):
 
 
 def test_offline_moe_is_a_moe_with_its_default_top_k(moe_backend):
-    spec = moe.OFFLINE[moe.DEFAULT_OFFLINE]
-    assert moe.is_moe(moe_backend.model)
-    assert moe.num_experts(moe_backend.model) == spec.num_experts
-    assert moe.get_top_k(moe_backend.model) == spec.top_k
-    assert len(moe.find_routers(moe_backend.model)) == moe_backend.model.config.num_hidden_layers
+    spec = models.OFFLINE[models.DEFAULT_OFFLINE]
+    assert models.is_moe(moe_backend.model)
+    assert models.num_experts(moe_backend.model) == spec.num_experts
+    assert models.get_top_k(moe_backend.model) == spec.top_k
+    assert len(models.find_routers(moe_backend.model)) == moe_backend.model.config.num_hidden_layers
 
 
 def test_k_equal_to_num_experts_reproduces_the_dense_model(moe_backend, fast_backend, chat_prompts):
     batch = _padded(chat_prompts)
     dense = _logits(fast_backend.model, batch)
-    with moe.top_k_override(moe_backend.model, moe.num_experts(moe_backend.model)):
+    with models.top_k_override(moe_backend.model, models.num_experts(moe_backend.model)):
         full = _logits(moe_backend.model, batch)
     mask = batch["attention_mask"].bool()
     # Float rounding only: the MoE backend's linears run through oneDNN's prepacked GEMM,
     # the dense reference through aten's, which round differently (~1e-6 relative).
     assert (full[mask] - dense[mask]).abs().max().item() < 1e-5 * dense[mask].abs().max().item()
     # and fewer experts really change the model
-    with moe.top_k_override(moe_backend.model, 4):
+    with models.top_k_override(moe_backend.model, 4):
         sparse = _logits(moe_backend.model, batch)
     assert (sparse[mask] - dense[mask]).abs().max().item() > 1.0
 
@@ -70,13 +70,13 @@ def test_traced_generation_uses_exactly_k_experts_and_leaves_the_model_as_found(
     model = moe_backend.model
     batch = _padded(chat_prompts)
     before = _logits(model, batch)
-    hooks_before, top_k_before = _hooks(model), moe.get_top_k(model)
+    hooks_before, top_k_before = _hooks(model), models.get_top_k(model)
     n_new = 12
-    with moe.top_k_override(model, k), moe.RouterTrace(model) as trace:
+    with models.top_k_override(model, k), models.RouterTrace(model) as trace:
         outs = moe_backend.generate(chat_prompts, seeds=[1, 2, 3, 4], sampling=SamplingSpec(temperature=1.0),
                                     max_new_tokens=n_new, progress=False)
     n_layers = model.config.num_hidden_layers
-    E = moe.num_experts(model)
+    E = models.num_experts(model)
     # one record per forward pass: the prefill, then one per further token of the longest row
     assert len(trace.records) == max(len(o.token_ids) for o in outs)
     assert trace.records[0].shape == (len(chat_prompts), batch["input_ids"].shape[1])
@@ -96,14 +96,14 @@ def test_traced_generation_uses_exactly_k_experts_and_leaves_the_model_as_found(
     after = _logits(model, batch)
     assert torch.equal(before, after)
     assert _hooks(model) == hooks_before
-    assert moe.get_top_k(model) == top_k_before
+    assert models.get_top_k(model) == top_k_before
 
 
 def test_hooks_are_removed_after_an_exception(moe_backend, chat_prompts):
     model = moe_backend.model
     hooks_before = _hooks(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with moe.RouterTrace(model):
+        with models.RouterTrace(model):
             _logits(model, _padded(chat_prompts[:1]))
             raise RuntimeError("boom")
     assert _hooks(model) == hooks_before
@@ -111,13 +111,13 @@ def test_hooks_are_removed_after_an_exception(moe_backend, chat_prompts):
 
 def test_bad_k_and_dense_models_are_refused(moe_backend, fast_backend):
     for bad in (0, 17, -1, 2.0):
-        with pytest.raises(moe.MoEError, match=r"moe_top_k=.*1\.\.16"):
-            moe.set_top_k(moe_backend.model, bad)
-    assert moe.get_top_k(moe_backend.model) == moe.OFFLINE[moe.DEFAULT_OFFLINE].top_k  # untouched
-    with pytest.raises(moe.MoEError, match="no mixture-of-experts router"):
-        moe.set_top_k(fast_backend.model, 2)
-    with pytest.raises(moe.MoEError, match="no mixture-of-experts router"):
-        moe.RouterTrace(fast_backend.model)
+        with pytest.raises(models.MoEError, match=r"moe_top_k=.*1\.\.16"):
+            models.set_top_k(moe_backend.model, bad)
+    assert models.get_top_k(moe_backend.model) == models.OFFLINE[models.DEFAULT_OFFLINE].top_k  # untouched
+    with pytest.raises(models.MoEError, match="no mixture-of-experts router"):
+        models.set_top_k(fast_backend.model, 2)
+    with pytest.raises(models.MoEError, match="no mixture-of-experts router"):
+        models.RouterTrace(fast_backend.model)
     with pytest.raises(ValueError, match="moe_top_k=0"):
         ModelSpec(moe_top_k=0)
 
@@ -127,16 +127,16 @@ def test_runner_with_moe_top_k_and_routing_columns(moe_backend, tmp_path):
     from thinklab import runner
 
     k = 6
-    spec = RunSpec(model=ModelSpec(name=moe.model_name(moe.DEFAULT_OFFLINE), moe_top_k=k), task="rg:basic_arithmetic",
+    spec = RunSpec(model=ModelSpec(name=models.model_name(models.DEFAULT_OFFLINE), moe_top_k=k), task="rg:basic_arithmetic",
                    n_problems=2, sampling=SamplingSpec(temperature=0.0, max_tokens=16))
-    previous = moe.set_top_k(moe_backend.model, k)  # what HFBackend.__init__ does for spec.model.moe_top_k
+    previous = models.set_top_k(moe_backend.model, k)  # what HFBackend.__init__ does for spec.model.moe_top_k
     try:
         df = runner.run(spec, runs_root=tmp_path, backend=moe_backend, progress=False)
         routing = df  # the runner stores the routing columns of MoE runs
     finally:
-        moe._restore_top_k(moe_backend.model, previous)
+        models.restore_top_k(moe_backend.model, previous)
     assert df["moe_top_k"].to_list() == [k, k]
-    n_layers, E = moe_backend.model.config.num_hidden_layers, moe.num_experts(moe_backend.model)
+    n_layers, E = moe_backend.model.config.num_hidden_layers, models.num_experts(moe_backend.model)
     for load, n_tok in zip(routing["expert_load"].to_list(), df["n_tokens"].to_list()):
         assert len(load) == n_layers and all(len(row) == E for row in load)
         assert all(sum(row) == k * n_tok for row in load)
@@ -146,10 +146,10 @@ def test_runner_with_moe_top_k_and_routing_columns(moe_backend, tmp_path):
 
 def test_routing_stats_skip_forced_tokens_and_split_phases(moe_backend, chat_prompts):
     model = moe_backend.model
-    k = moe.get_top_k(model)
+    k = models.get_top_k(model)
     gen = [[28, 29, 30, 31, 32, 33], [40, 41, 42]]
     ent = [[0.1, math.nan, math.nan, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7]]
-    stats = moe.routing_stats(model, chat_prompts[:2], gen, n_thinking_tokens=[3, 0], token_entropy=ent, pad_id=2)
+    stats = models.routing_stats(model, chat_prompts[:2], gen, n_thinking_tokens=[3, 0], token_entropy=ent, pad_id=2)
     assert [sum(stats[i]["expert_load"][0]) for i in range(2)] == [k * 4, k * 3]  # NaN = forced, not counted
     assert not math.isnan(stats[0]["router_entropy_thinking"]) and not math.isnan(stats[0]["router_entropy_answer"])
     assert math.isnan(stats[1]["router_entropy_thinking"])  # empty thinking phase

@@ -15,9 +15,10 @@ import polars as pl
 import pytest
 import torch
 
-from thinklab import quantization, runner
+from thinklab import runner
 from thinklab.analysis import quantization as aq
 from thinklab.config import ModelSpec, SamplingSpec
+from thinklab.models import quantization
 
 MODEL = "smollm2-135m"
 

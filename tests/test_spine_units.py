@@ -59,6 +59,13 @@ def test_unknown_model_lists_valid_names():
         models.resolve("no-such-model")
 
 
+def test_materialize_builds_only_the_named_models():
+    with pytest.raises(models.ModelError) as err:
+        models.materialize("no-such-model")
+    for valid in (*models.EMBEDDED, *models.OFFLINE):
+        assert valid in str(err.value)
+
+
 def test_partial_model_dir_is_refused_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("THINKLAB_DATA", str(tmp_path))
     half = tmp_path / "models" / "smollm2-135m"

@@ -80,9 +80,9 @@ def test_importing_the_studies_loads_neither_torch_nor_transformers():
 
 
 def test_moe_default_model_is_the_offline_moe():
-    from thinklab import moe as moe_models
+    from thinklab import models
 
-    assert moe.Params().model == moe_models.DEFAULT_OFFLINE
+    assert moe.Params().model == models.DEFAULT_OFFLINE
 
 
 # --------------------------------------------------------------------------- conditions

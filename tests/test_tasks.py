@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from thinklab import tasks
+from thinklab import paths, tasks
 from thinklab.config import PromptSpec
 from thinklab.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION, build_prompt, plain_prompt
 from thinklab.tasks import Problem, list_tasks, load_task, parse_task_name, worked_examples
@@ -147,7 +147,7 @@ def test_lookup_order_env_dir_first(tmp_path, monkeypatch):
 
 
 def test_hub_fallback_is_real_and_explains_a_missing_datasets(tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks, "benchmark_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(paths, "benchmarks_dirs", lambda: [tmp_path])
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(ValueError, match="pip install datasets"):
         load_task("aime24")

@@ -130,11 +130,8 @@ def cmd_models(args) -> int:
     from thinklab import models
 
     if args.materialize:
-        from thinklab import moe
-
         for name in args.materialize:
-            build = moe.materialize if name in moe.OFFLINE else models.materialize
-            print(build(name, force=args.force))
+            print(models.materialize(name, force=args.force))
         return 0
     rows = models.list_models()
     print(f"{'name':<20} {'aliases':<14} {'installed':<10} {'materialized':<13} path")

@@ -79,12 +79,21 @@ def _describe(tp: Any) -> str:
     return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
 
 
-class _Mismatch(Exception):
-    pass
+class Mismatch(TypeError):
+    """A value that the annotation it was checked against does not admit."""
 
 
-def _coerce(tp: Any, value: Any) -> Any:
-    """`value` as annotation `tp` wants it (int -> float, list -> tuple, dict -> spec), or _Mismatch."""
+def coerce(tp: Any, value: Any, *, whole_float_as_int: bool = False, finite: bool = True) -> Any:
+    """`value` as annotation `tp` wants it (int -> float, list -> tuple, dict -> spec), or Mismatch.
+
+    The one type check behind specs (`check_fields`) and study parameters
+    (`studies.common.check_params`). Study parameters come from YAML and papermill, so they
+    pass `whole_float_as_int=True` (YAML reads `1e3` as a float) and `finite=False` (their
+    own rules say why NaN or infinity is not valid)."""
+
+    def inner(tp: Any, value: Any) -> Any:
+        return coerce(tp, value, whole_float_as_int=whole_float_as_int, finite=finite)
+
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -95,53 +104,55 @@ def _coerce(tp: Any, value: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value)
-            except _Mismatch:
+                return inner(arg, value)
+            except Mismatch:
                 continue
-        raise _Mismatch
+        raise Mismatch
     if origin is typing.Literal:
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
-        raise _Mismatch
+        raise Mismatch
     if tp is type(None):
         if value is None:
             return None
-        raise _Mismatch
+        raise Mismatch
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _Mismatch
+        raise Mismatch
     if tp is int:  # numpy integers too (values computed from arrays), never bools
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return value if type(value) is int else int(value)
-        raise _Mismatch
+        if whole_float_as_int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise Mismatch
     if tp is float:
         # an int is a float here (0 means greedy); stored as float so that equal specs share one run id
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and (not finite or math.isfinite(value)):
             return value if type(value) is float else float(value)
-        raise _Mismatch
+        raise Mismatch
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _Mismatch
+        raise Mismatch
     if origin is tuple:
         if not isinstance(value, (tuple, list)):
-            raise _Mismatch
+            raise Mismatch
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         if args and len(items) != len(value):
-            raise _Mismatch
-        return tuple(_coerce(t, v) for t, v in zip(items, value)) if args else tuple(value)
+            raise Mismatch
+        return tuple(inner(t, v) for t, v in zip(items, value)) if args else tuple(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             check_fields(value)  # again, for a spec whose own __post_init__ does not
             return value
         if isinstance(value, dict):
             return from_mapping(tp, value)
-        raise _Mismatch
+        raise Mismatch
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
-        raise _Mismatch
+        raise Mismatch
     return value  # an annotation this check does not know: leave it to the spec's own checks
 
 
@@ -158,8 +169,8 @@ def check_fields(spec: Any) -> None:
         value = getattr(spec, f.name)
         tp = hints[f.name]
         try:
-            fixed = _coerce(tp, value)
-        except _Mismatch:
+            fixed = coerce(tp, value)
+        except Mismatch:
             why = f"expected {_describe(tp)}, got {type(value).__name__}"
             if isinstance(value, float) and not math.isfinite(value):
                 why = f"expected {_describe(tp)}; NaN and infinity are never valid"
@@ -211,7 +222,7 @@ class ModelSpec:
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
     # numeric format; None = baseline. hf backend: "int8-wo" etc. are simulated (weights quantized then
     # dequantized, same forward as the baseline), "int8-wo:kernel" etc. run the format's own kernels
-    # (see thinklab.quantization); vLLM: its engine's method names, e.g. "fp8".
+    # (see thinklab.models.quantization); vLLM: its engine's method names, e.g. "fp8".
     quantization: str | None = None
     moe_top_k: int | None = None  # active experts per token; None = the checkpoint's own
     revision: str | None = None  # hub revision

@@ -36,6 +36,7 @@ import polars as pl
 from thinklab import paths
 from thinklab.analysis import findings as F
 from thinklab.config import BudgetSpec, ModelSpec, RunSpec, SamplingSpec
+from thinklab.models import OFFLINE
 from thinklab.store import RunStore
 
 
@@ -48,8 +49,6 @@ def _run_id(spec: RunSpec) -> str:
 __all__ = ["FindingsPlan", "PRESETS", "plan_from_options", "generate", "compute", "write_report"]
 
 FINDING_KEYS = tuple("abcdefg")
-# offline MoEs built by MoEfication of a dense model (thinklab.moe.OFFLINE, not imported: it loads transformers)
-MOEFIED = ("smollm2-135m-moe16",)
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,7 @@ def _check_formats(plan: FindingsPlan) -> None:
         return
     import torch
 
-    from thinklab import quantization
+    from thinklab.models import quantization
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for fmt in (plan.int8_format, plan.four_bit_format):
@@ -488,7 +487,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         "",
         f"- **Model**: `{plan.model}` for (a)-(e) and (g); for (f) {_model_description(plan.moe_model)}"
         + (": not a trained MoE and no compute saved; it measures what accuracy costs when each token keeps only "
-           "k of the dense model's neuron groups." if plan.moe_model in MOEFIED else "."),
+           "k of the dense model's neuron groups." if plan.moe_model in OFFLINE else "."),
         f"- **Tasks**: {', '.join(f'`{t}`' for t in plan.tasks)} ({plan.n_problems} problems each); "
         f"(f) on {', '.join(f'`{t}`' for t in plan.moe_tasks)}.",
         f"- **Sampling**: temperature {plan.temperature:g} (grid {', '.join(f'{t:g}' for t in grid)} for (d)), "

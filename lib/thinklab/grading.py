@@ -42,7 +42,7 @@ Before anything symbolic, cheap pre-checks reject predictions that are too long
 more than `MAX_POWER_DIGITS` digits (`2^{99999999}`; a power of 0, 1 or -1 passes) or a
 4+-digit factorial: they grade incorrect without reaching sympy (unless they equal the gold
 as strings). Bound per `grade()` call: `VERIFY_TIMEOUT_S` plus, only when the worker is not
-already running, its start (math-verify import, about 2 s; capped at `STARTUP_TIMEOUT_S`).
+already running, its start (the math-verify import; capped at `STARTUP_TIMEOUT_S`).
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ _LN2 = float(np.log(2.0))
 # Above this many samples per cell the exact maj@k falls back to Monte Carlo: its binomial
 # weights are scaled by 2**-n, which must stay clear of float64 underflow.
 EXACT_MAX_N = 1000
-# The exact maj@k runs when its estimated work (array elements touched) is below this
-# (about ten seconds here); it beats Monte Carlo at equal time well beyond that.
+# The exact maj@k runs when its estimated work (array elements touched) is below this, so
+# that one cell's estimate stays interactive (its time: BENCHMARKS.md); the exact value
+# beats Monte Carlo at equal time well beyond that.
 EXACT_MAX_WORK = 2e9
 
 

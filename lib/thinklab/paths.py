@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+BENCHMARKS_ENV = "THINKLAB_BENCHMARKS_DIR"  # a folder searched first for benchmark JSONL files
+
 
 def project_root() -> Path:
     env = os.environ.get("THINKLAB_HOME")
@@ -44,8 +46,8 @@ def figures_dir(study: str | None = None) -> Path:
 def benchmarks_dirs() -> list[Path]:
     """Candidate folders for the local benchmark JSONL files, in lookup order."""
     out = []
-    if os.environ.get("THINKLAB_BENCHMARKS_DIR"):
-        out.append(Path(os.environ["THINKLAB_BENCHMARKS_DIR"]))
+    if os.environ.get(BENCHMARKS_ENV):
+        out.append(Path(os.environ[BENCHMARKS_ENV]).expanduser())
     out.append(project_root().parent / "shared" / "data" / "benchmarks")
     out.append(Path.cwd().parent / "shared" / "data" / "benchmarks")
     return out

@@ -114,8 +114,8 @@ def check_spec(spec: RunSpec) -> None:
     included), a token cap beyond the model's context length. Reads only the model's config."""
     m = spec.model
     if m.backend == "hf" and m.quantization is not None:
-        from thinklab import quantization
         from thinklab.backends.hf import pick_device
+        from thinklab.models import quantization
 
         quantization.check(m.quantization, pick_device())
     limit = models.context_length(models.load_config(m.name, m.revision, m.trust_remote_code))

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -34,8 +33,9 @@ from pathlib import Path
 import typing
 from typing import Any, Iterable
 
+from thinklab import paths
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS_ENV = "THINKLAB_BENCHMARKS_DIR"
 # reasoning-gym item i is `create_dataset(name, seed=0, size=RG_POOL_SIZE, **config)[i]`, so the pool
 # size is part of every rg problem id's meaning (a few generators precompute `size` items): never change it.
 RG_POOL_SIZE = 10_000
@@ -355,18 +355,8 @@ def _build_pool(parsed: TaskName, records: tuple[dict, ...], source: str) -> tup
     return tuple(p for p in problems if _keep(parsed, p[0]))
 
 
-def benchmark_dirs() -> list[Path]:
-    """Directories searched for benchmark files, in order."""
-    dirs = []
-    if os.environ.get(BENCHMARKS_ENV):
-        dirs.append(Path(os.environ[BENCHMARKS_ENV]).expanduser())
-    dirs.append(PROJECT_ROOT.parent / "shared" / "data" / "benchmarks")
-    dirs.append(Path.cwd().parent / "shared" / "data" / "benchmarks")
-    return dirs
-
-
 def _find_benchmark_file(file: str) -> Path | None:
-    for d in benchmark_dirs():
+    for d in paths.benchmarks_dirs():
         if (d / file).is_file():
             return (d / file).resolve()
     return None
@@ -529,13 +519,13 @@ def _from_jsonl(parsed: TaskName, path: Path, records: tuple[dict, ...]) -> list
 
 def _from_hub(family: str, bench: _Benchmark) -> tuple[dict, ...]:
     dataset_id, configs, split = bench.hub
-    looked = ", ".join(str(d / bench.file) for d in benchmark_dirs())
+    looked = ", ".join(str(d / bench.file) for d in paths.benchmarks_dirs())
     try:
         import datasets
     except ImportError:
         raise TaskError(
             f"{family}: no local file (looked at {looked}) and the `datasets` package is not installed; "
-            f"set ${BENCHMARKS_ENV} to a folder holding {bench.file}, or `pip install datasets` to load {dataset_id} from the hub"
+            f"set ${paths.BENCHMARKS_ENV} to a folder holding {bench.file}, or `pip install datasets` to load {dataset_id} from the hub"
         ) from None
     records: list[dict] = []
     try:
@@ -667,8 +657,3 @@ def _rg_items(parsed: TaskName, indices: Iterable[int], n: int) -> list[tuple[Pr
         problem = Problem(f"{parsed.canonical}/{index}", parsed.canonical, str(entry["question"]), gold, tuple(sorted(meta.items())))
         out.append((problem, _boxed_only(str(entry["answer"]))))
     return out
-
-
-def rg_answer(problem: Problem) -> str:
-    """The reference answer of a reasoning-gym problem (its gold is JSON)."""
-    return str(json.loads(problem.gold)["entry"]["answer"])

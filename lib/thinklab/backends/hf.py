@@ -91,11 +91,12 @@ class HFBackend(Backend):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from thinklab import moe  # noqa: F401  (registers the offline MoE model class)
+        from thinklab.models import moefy
 
+        moefy.register()  # so that from_pretrained can load an offline MoE's directory
         self.device = torch.device(device) if device else pick_device()
         if spec.quantization:
-            from thinklab import quantization
+            from thinklab.models import quantization
 
             quantization.check(spec.quantization, self.device)  # refuse before loading any weights
         self.resolved = models.resolve(spec.name)
@@ -109,7 +110,7 @@ class HFBackend(Backend):
         self.model.to(self.device).eval()
         self.quantization_report: dict = {}
         if spec.quantization:
-            from thinklab import quantization
+            from thinklab.models import quantization
 
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
         self.kv_bytes_per_position = kv_bytes_per_position(self.model.config, self.dtype)
@@ -130,14 +131,14 @@ class HFBackend(Backend):
 
     def set_moe_top_k(self, k: int | None) -> None:
         """Route each token to k experts (None: the checkpoint's own number); refuses dense models."""
-        from thinklab import moe
+        from thinklab.models import router
 
         if k is None:
             if self._native_top_k is not None:
-                moe._restore_top_k(self.model, self._native_top_k)
+                router.restore_top_k(self.model, self._native_top_k)
                 self._native_top_k = None
         else:
-            previous = moe.set_top_k(self.model, k)
+            previous = router.set_top_k(self.model, k)
             if self._native_top_k is None:
                 self._native_top_k = previous
         self.spec = dataclasses.replace(self.spec, moe_top_k=k)
@@ -158,11 +159,11 @@ class HFBackend(Backend):
         return self._tokenizer
 
     def routing_columns(self, prompts, traces, n_thinking) -> list[dict] | None:
-        from thinklab import moe
+        from thinklab.models import router
 
-        if not moe.is_moe(self.model):
+        if not router.is_moe(self.model):
             return None
-        stats = moe.routing_stats(self.model, prompts, [t.token_ids for t in traces], n_thinking,
+        stats = router.routing_stats(self.model, prompts, [t.token_ids for t in traces], n_thinking,
                                   token_entropy=[t.token_entropy for t in traces], pad_id=self.pad_id)
         nan_to_none = lambda v: None if v is None or v != v else v  # noqa: E731
         return [{"expert_load": st.get("expert_load"),

@@ -113,7 +113,7 @@ class VLLMBackend(Backend):
         self.entropy_top_k = entropy_top_k
         self.entropy_estimator = spec.entropy_estimator
         self.exact_memory_gib = exact_memory_gib
-        # None = eager on CPU, where torch.compile's start costs about 2 minutes
+        # None = eager on CPU, where torch.compile's start outlasts a study's short runs (BENCHMARKS.md)
         self.enforce_eager = self.on_cpu if spec.enforce_eager is None else spec.enforce_eager
         self.dtype = spec.dtype if spec.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
         self.resolved = models.resolve(spec.name)
@@ -152,8 +152,7 @@ class VLLMBackend(Backend):
 
     def _check_options(self, spec: ModelSpec, hf_config, n_cuda: int) -> dict:
         """Engine options from the spec, each checked against the installed build before any work."""
-        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-        from vllm.platforms import current_platform
+        from thinklab.models import quantization  # torch, which this module otherwise imports lazily
 
         opts: dict = {
             "tensor_parallel_size": spec.tensor_parallel_size,
@@ -178,28 +177,8 @@ class VLLMBackend(Backend):
                     f"{spec.pipeline_parallel_size} needs {world} devices but this host has {available} {kind}; "
                     "lower them, or use distributed_executor_backend='ray' across machines"
                 )
-        if spec.quantization is not None:
-            if spec.quantization not in QUANTIZATION_METHODS:
-                raise ValueError(
-                    f"quantization={spec.quantization!r} is not a quantization method of vLLM {self.vllm_version}; "
-                    f"it knows: {', '.join(QUANTIZATION_METHODS)}"
-                )
-            try:
-                current_platform.verify_quantization(spec.quantization)
-            except Exception as exc:
-                raise ValueError(f"quantization={spec.quantization!r} is not supported here: {exc}") from exc
-            opts["quantization"] = spec.quantization
-        if spec.kv_cache_dtype is not None:
-            from typing import get_args
-
-            from vllm.config.cache import CacheDType
-
-            if spec.kv_cache_dtype not in get_args(CacheDType):
-                raise ValueError(
-                    f"kv_cache_dtype={spec.kv_cache_dtype!r} is not known to vLLM {self.vllm_version}; "
-                    f"choose one of {', '.join(get_args(CacheDType))}"
-                )
-            opts["kv_cache_dtype"] = spec.kv_cache_dtype
+        checked = quantization.check_vllm_quantization(spec.quantization, spec.kv_cache_dtype)
+        opts.update({k: v for k, v in checked.items() if v is not None})
         if spec.moe_top_k is not None:
             n_experts = next(
                 (getattr(hf_config, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(hf_config, a, None)),

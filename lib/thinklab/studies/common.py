@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import polars as pl
 
-from thinklab.config import (BACKENDS, DTYPES, ENTROPY_ESTIMATORS, FORWARDS, BudgetSpec, GradingSpec, ModelSpec,
-                             RunSpec, SamplingSpec)
+from thinklab.config import (BACKENDS, DTYPES, ENTROPY_ESTIMATORS, FORWARDS, BudgetSpec, GradingSpec, Mismatch,
+                             ModelSpec, RunSpec, SamplingSpec, coerce)
 
 FIGURE_FORMATS = ("html", "png", "svg", "pdf")
 TRUNCATED = "length"  # the finish_reason of a sample cut off at max_tokens
@@ -135,46 +135,6 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _coerce(value: Any, tp: Any) -> Any:
-    """`value` as type `tp`, or TypeError. Lists become tuples; ints are accepted as floats;
-    a float that is a whole number (a YAML `1e3`) is accepted as an int."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for member in sorted(args, key=lambda a: a is not type(None)):  # None first: never coerced into
-            try:
-                return _coerce(value, member)
-            except TypeError:
-                continue
-        raise TypeError
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
-        return tuple(_coerce(v, args[0]) for v in value)
-    if tp is type(None):
-        if value is None:
-            return None
-        raise TypeError
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    raise TypeError
-
-
 def _accepts_str(tp: Any) -> bool:
     unions = (typing.Union, types.UnionType)
     return tp is str or (typing.get_origin(tp) in unions and str in typing.get_args(tp))
@@ -214,8 +174,8 @@ def check_params(cls: type[StudyParams], values: Mapping[str, Any], injected: It
                 problems.append(f"{name}={raw!r} is a string that is not a Python literal; valid: {valid}")
                 continue
         try:
-            value = _coerce(value, tp)
-        except TypeError:
+            value = coerce(tp, value, whole_float_as_int=True, finite=False)
+        except Mismatch:
             problems.append(f"{name}={raw!r} is a {type(value).__name__}, not {_type_name(tp)}; valid: {valid}")
             continue
         if check and value is not None and not check["test"](value):

@@ -36,7 +36,7 @@ STUDY = "moe"
 class Params(common.StudyParams):
     """The MoE study's parameters: the shared ones, then its knobs."""
 
-    # the offline MoEfied SmolLM2 (`thinklab.moe.DEFAULT_OFFLINE`), built under data/models/ on first use
+    # the offline MoEfied SmolLM2 (`thinklab.models.DEFAULT_OFFLINE`), built under data/models/ on first use
     model: str = field(default="smollm2-135m-moe16", metadata=non_empty("a model name, hub id or local directory"))
     n_problems: int = field(default=12, metadata=positive())
     max_tokens: int = field(default=96, metadata=positive())

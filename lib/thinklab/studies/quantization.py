@@ -50,7 +50,7 @@ class Params(common.StudyParams):
 
 def conditions(params: Params) -> list[RunSpec]:
     """The baseline spec first, then one spec per format (only `model.quantization` differs)."""
-    from thinklab import quantization
+    from thinklab.models import quantization
 
     # One forward for every condition: real-kernel formats only run on transformers' modules.
     if params.backend == "hf" and any(quantization.is_kernel(f) for f in params.formats):
@@ -60,7 +60,7 @@ def conditions(params: Params) -> list[RunSpec]:
 
 def _check(specs: Sequence[RunSpec]) -> None:
     """Refuse, before anything generates, any format the host cannot run (names method and reason)."""
-    from thinklab import quantization
+    from thinklab.models import quantization
 
     for spec in specs:
         q = spec.model.quantization

