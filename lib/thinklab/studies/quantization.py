@@ -4,7 +4,7 @@ Conditions: a baseline run (`quantization=None`: fp32 on CPU, bf16 on GPU) and o
 per format, each the baseline spec with only `model.quantization` changed, so sample i of
 a problem has the same seed in every condition and the comparison is paired
 (`thinklab.analysis.quantization`). Every condition runs through the same forward: the
-formats are simulated (weights quantized then dequantized, `thinklab.quantization`), so
+formats are simulated (weights quantized then dequantized, `thinklab.models.quantization`), so
 a flip is the format's doing and not another kernel's rounding; if any format is a real-
 kernel one (`int8-wo:kernel`), every condition, the baseline included, runs through
 transformers' modules (`model.forward="transformers"`). Every format is checked against
