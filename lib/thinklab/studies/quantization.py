@@ -203,8 +203,11 @@ def _by_level(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame, title = f["by_level"], "Accuracy by difficulty level and format (95% bootstrap CI)"
     if frame.is_empty():
         return placeholder(title, "the task has no difficulty levels", _caption(f))
-    frame = frame.with_columns(shown=pl.col("accuracy").map_elements(lambda v: f"{v:.2f}", return_dtype=pl.Utf8))
-    fig = px.bar(frame, x="level", y="accuracy", color="format", barmode="group", category_orders=_order(frame),
+    frame = frame.with_columns(shown=pl.col("accuracy").map_elements(lambda v: f"{v:.2f}", return_dtype=pl.Utf8),
+                               format=pl.format("{} (n={})", "format", pl.col("n").sum().over("format")))
+    order = {f: i for i, f in enumerate(_order(frame.with_columns(format=pl.col("format").str.split(" (n=").list.first()))["format"])}
+    shown_order = sorted(frame["format"].unique().to_list(), key=lambda f: order.get(f.split(" (n=")[0], len(order)))
+    fig = px.bar(frame, x="level", y="accuracy", color="format", barmode="group", category_orders={"format": shown_order},
                  hover_data=["n", "n_problems"], text="shown", template=plots.TEMPLATE, labels=plots.LABELS,
                  **ci_errors(frame, "accuracy"))
     fig.update_traces(textposition="outside", cliponaxis=False)  # a 0 still reads "0.00"

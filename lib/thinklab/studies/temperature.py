@@ -108,7 +108,7 @@ def _pass_at_k_ci(sampled: pl.DataFrame, ks: list[int], p: Params) -> pl.DataFra
 
 def _series(frame: pl.DataFrame, column: str = "T") -> pl.DataFrame:
     """`frame` with `series`: the label of `column` and its number of problems, the legend entry."""
-    return frame.with_columns(series=pl.format("{} (n={})", pl.col(column), pl.col("n_problems")))
+    return frame.with_columns(series=pl.format("T={} (n={} problems)", pl.col(column), pl.col("n_problems")))
 
 
 def _caption(f: dict[str, pl.DataFrame]) -> str:
@@ -126,7 +126,7 @@ def _pass_at_k(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = _series(f["pass_at_k"])
     fig = px.line(frame, x="k", y="pass_at_k", color="series", markers=True, log_x=True, template=plots.TEMPLATE,
                   hover_data=["n_problems"], labels=plots.LABELS, **ci_errors(frame, "pass_at_k"))
-    fig.update_layout(legend_title="temperature (problems)", yaxis_title="pass@k", yaxis_range=[0, 1.02])
+    fig.update_layout(legend_title="", yaxis_title="pass@k", yaxis_range=[0, 1.02])
     int_ticks(fig, frame["k"])
     return titled(fig, f"{title}, 95% bootstrap CI over problems", _caption(f))
 
@@ -138,19 +138,21 @@ def _maj_at_k(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = _series(f["maj_at_k"])
     fig = px.line(frame, x="k", y="maj_at_k", color="series", markers=True, log_x=True, template=plots.TEMPLATE,
                   hover_data=["maj_at_k_strict", "expected_ties", "n_problems"], labels=plots.LABELS)
-    fig.update_layout(legend_title="temperature (problems)", yaxis_title="maj@k", yaxis_range=[0, 1.02])
+    fig.update_layout(legend_title="", yaxis_title="maj@k", yaxis_range=[0, 1.02])
     int_ticks(fig, frame["k"])
     return titled(fig, title, _caption(f))
 
 
 def _solve_matrix(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = f["solve_matrix"].sort("temperature", "top_p")
+    frame = frame.with_columns(T=pl.format("T={} (n={})", "T", pl.col("n").max().over("T")))  # samples per cell
     order = list(dict.fromkeys(frame["T"].to_list()))
     wide = frame.pivot(on="T", index="problem_id", values="solve_rate").sort("problem_id")
     fig = go.Figure(go.Heatmap(z=wide.select(order).to_numpy(), x=order, y=wide["problem_id"].to_list(),
                                colorscale="Viridis", zmin=0, zmax=1,
                                colorbar=dict(title="solve rate<br>(share of<br>samples correct)")))
-    fig.update_layout(xaxis_title="temperature", yaxis_title="problem", height=max(400, 18 * wide.height))
+    fig.update_layout(xaxis_title="temperature (samples per problem)", yaxis_title="problem",
+                      height=max(400, 18 * wide.height))
     return titled(fig, "Solve rate per problem × temperature", _caption(f))
 
 
