@@ -303,3 +303,31 @@ def test_importing_thinklab_silences_torchao_and_pytree_noise():
     out = subprocess.run([sys.executable, "-c", "import thinklab, torchao.quantization"], capture_output=True,
                          text=True, check=True)
     assert "Failed to load" not in out.stderr and "_pytree" not in out.stderr, out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- explore
+
+
+def test_explore_opens_without_a_second_copy_of_the_first_figure(tables, monkeypatch):
+    """The figure loop has just drawn every figure: the widget draws one only when asked."""
+    import IPython.display
+
+    from thinklab.studies import explore
+
+    shown, displayed = [], []
+    monkeypatch.setattr(go.Figure, "show", lambda self, *a, **k: shown.append(self))
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **k: displayed.extend(objs))
+    explore.explore(moe, tables["moe"], moe.Params(n_boot=20))
+    assert shown == []
+    (box,) = displayed
+    dropdown = box.children[0].children[0]
+    assert dropdown.value == explore.CHOOSE and list(dropdown.options)[1:] == list(moe.FIGURES)
+    dropdown.value = "accuracy_vs_k"
+    assert len(shown) == 1 and "Accuracy" in shown[0].layout.title.text
+    (top_k,) = [w for w in box.children[0].children[1:] if w.description == "moe_top_k"]
+    assert [label for label, _ in top_k.options] == ["2", "4"]
+
+    displayed.clear()
+    explore.explore(temperature, tables["temperature"], temperature.Params(n_boot=20))
+    (select,) = [w for w in displayed[0].children[0].children[1:] if w.description == "temperature"]
+    assert [label for label, _ in select.options] == ["0", "0.6", "1"]  # the multi-select without float32 noise

@@ -60,8 +60,7 @@ def explore(study: ModuleType, df: pl.DataFrame, params: Any) -> None:
     import ipywidgets as widgets
     from IPython.display import display
 
-    figure = widgets.Dropdown(options=[(CHOOSE, None), *((name, name) for name in study.FIGURES)], value=None,
-                              description="figure")
+    figure = widgets.Dropdown(options=[CHOOSE, *study.FIGURES], value=CHOOSE, description="figure")
     selects = {
         column: widgets.SelectMultiple(options=[(label(column, v), v) for v in values], value=tuple(values),
                                        description=column, rows=min(len(values), 6))
@@ -72,7 +71,7 @@ def explore(study: ModuleType, df: pl.DataFrame, params: Any) -> None:
     def redraw(_change=None) -> None:
         with out:
             out.clear_output(wait=True)
-            if figure.value is None:
+            if figure.value == CHOOSE:
                 print("choose a figure to redraw it from the chosen samples")
                 return
             rows = filter_samples(df, {column: select.value for column, select in selects.items()})
