@@ -124,12 +124,21 @@ def test_k_ticks_are_integers(figures):
 
 
 def test_estimates_carry_error_bars(figures):
-    for study, name in (("temperature", "pass_at_k"), ("temperature", "accuracy_vs_temperature"),
+    for study, name in (("temperature", "pass_at_k"), ("temperature", "maj_at_k"), ("temperature", "accuracy_vs_temperature"),
                         ("overthinking", "accuracy_vs_budget"), ("overthinking", "selection"),
                         ("overthinking", "phase_entropy"), ("quantization", "accuracy"), ("moe", "accuracy_vs_k"),
                         ("temperature", "entropy_length")):
         fig = figures[study][name]
         assert any(t.error_y and t.error_y.array is not None for t in fig.data), (study, name)
+
+
+def test_k_curves_carry_intervals_around_their_estimates(tables):
+    frames = temperature.frames(tables["temperature"], temperature.Params(n_boot=50))
+    for name in ("pass_at_k", "maj_at_k"):
+        frame = frames[name]
+        assert frame["ci_low"].null_count() == 0, name
+        assert ((frame["ci_low"] <= frame[name] + 1e-9) & (frame[name] <= frame["ci_high"] + 1e-9)).all(), name
+        assert (frame["ci_high"] > frame["ci_low"]).any(), name  # not degenerate everywhere
 
 
 def test_facet_panels_show_their_y_ticks():

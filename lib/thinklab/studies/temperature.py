@@ -21,7 +21,7 @@ from thinklab import plots
 from thinklab.analysis import overthinking as ot
 from thinklab.analysis import temperature as ana
 from thinklab.config import RunSpec
-from thinklab.metrics import bootstrap_ci, pass_at_k_table
+from thinklab.metrics import bootstrap_ci, maj_at_k_table, pass_at_k_table
 from thinklab.plots import ci_errors, int_ticks, normal_ci, placeholder, titled, with_n
 from thinklab.studies import common
 from thinklab.studies.common import grid, positive
@@ -84,7 +84,7 @@ def frames(df: pl.DataFrame, params: Params | None = None) -> dict[str, pl.DataF
     return {
         "summary": _label(common.summary(df, ["temperature", *_BY])),
         "pass_at_k": _label(_pass_at_k_ci(sampled, ks, p)) if sampled.height else empty,
-        "maj_at_k": _label(ana.maj_at_k_curve(sampled, ks, by=_BY, seed=p.seed)) if sampled.height else empty,
+        "maj_at_k": _label(_maj_at_k_ci(sampled, ks, p)) if sampled.height else empty,
         "solve_matrix": _label(ana.solve_matrix(df, by=_BY)),
         "coverage": _label(ana.coverage(df, by=_BY), "best_condition"),
         "voting": (_label(ana.multi_temperature_voting(sampled, ks, by=_BY, seed=p.seed))
@@ -94,13 +94,24 @@ def frames(df: pl.DataFrame, params: Params | None = None) -> dict[str, pl.DataF
     }
 
 
-def _pass_at_k_ci(sampled: pl.DataFrame, ks: list[int], p: Params) -> pl.DataFrame:
-    """The pass@k curve with a 95% bootstrap interval over problems (per-problem unbiased pass@k resampled)."""
+def _with_ci(curve: pl.DataFrame, per_problem: pl.DataFrame, value: str, p: Params) -> pl.DataFrame:
+    """`curve` (a mean over problems per temperature and k) with a 95% bootstrap interval over problems,
+    from the per-problem values it averages."""
     keys = [*_BY, "temperature", "k"]
-    curve = ana.pass_at_k_curve(sampled, ks, by=_BY)
-    per_problem = pass_at_k_table(sampled, ks, by=[*_BY, "temperature"])
-    ci = bootstrap_ci(per_problem, "pass_at_k", by=keys, n_boot=p.n_boot, seed=p.seed).select(*keys, "ci_low", "ci_high")
+    ci = bootstrap_ci(per_problem, value, by=keys, n_boot=p.n_boot, seed=p.seed).select(*keys, "ci_low", "ci_high")
     return curve.join(ci, on=keys, how="left", nulls_equal=True, maintain_order="left")
+
+
+def _pass_at_k_ci(sampled: pl.DataFrame, ks: list[int], p: Params) -> pl.DataFrame:
+    """The pass@k curve with its interval (the per-problem unbiased pass@k resampled)."""
+    return _with_ci(ana.pass_at_k_curve(sampled, ks, by=_BY),
+                    pass_at_k_table(sampled, ks, by=[*_BY, "temperature"]), "pass_at_k", p)
+
+
+def _maj_at_k_ci(sampled: pl.DataFrame, ks: list[int], p: Params) -> pl.DataFrame:
+    """The maj@k curve with its interval (the per-problem expected maj@k resampled)."""
+    return _with_ci(ana.maj_at_k_curve(sampled, ks, by=_BY, seed=p.seed),
+                    maj_at_k_table(sampled, ks, [*_BY, "temperature"], seed=p.seed), "maj_at_k", p)
 
 
 # --------------------------------------------------------------------------- figures
@@ -132,12 +143,13 @@ def _pass_at_k(f: dict[str, pl.DataFrame]) -> go.Figure:
 
 
 def _maj_at_k(f: dict[str, pl.DataFrame]) -> go.Figure:
-    title = "maj@k per temperature (ties broken uniformly at random)"
+    title = "maj@k per temperature (ties broken uniformly at random; 95% bootstrap CI over problems)"
     if f["maj_at_k"].is_empty():
         return _greedy_only(title, f)
     frame = _series(f["maj_at_k"])
     fig = px.line(frame, x="k", y="maj_at_k", color="series", markers=True, log_x=True, template=plots.TEMPLATE,
-                  hover_data=["maj_at_k_strict", "expected_ties", "n_problems"], labels=plots.LABELS)
+                  hover_data=["maj_at_k_strict", "expected_ties", "n_problems"], labels=plots.LABELS,
+                  **ci_errors(frame, "maj_at_k"))
     fig.update_layout(legend_title="", yaxis_title="maj@k", yaxis_range=[0, 1.02])
     int_ticks(fig, frame["k"])
     return titled(fig, title, _caption(f))
