@@ -213,14 +213,18 @@ def _entropy_along_trace(f: dict[str, pl.DataFrame]) -> go.Figure:
 
 
 def _markers(f: dict[str, pl.DataFrame]) -> go.Figure:
-    frame = f["markers"].with_columns(shown=pl.col("per_1k").map_elements(lambda v: f"{v:.1f}", return_dtype=pl.Utf8))
+    # 95% interval of a Poisson rate: 1.96 sqrt(count) per n_tokens, in occurrences per 1k tokens
+    frame = f["markers"].with_columns(
+        shown=pl.col("per_1k").map_elements(lambda v: f"{v:.1f}", return_dtype=pl.Utf8),
+        ci=(1.96 * pl.col("count").cast(pl.Float64).sqrt() / pl.col("n_tokens").cast(pl.Float64) * 1000).fill_nan(0.0))
     fig = px.bar(frame, x="marker", y="per_1k", barmode="group", facet_col="task", text="shown", template=plots.TEMPLATE,
-                 labels=plots.LABELS, hover_data=["count", "n_samples", "share_with"], **outcome_args(frame))
+                 labels=plots.LABELS, hover_data=["count", "n_samples", "share_with"], error_y="ci",
+                 **outcome_args(frame))
     fig.update_traces(textposition="outside", cliponaxis=False)  # a zero rate still shows as "0.0"
     fig.update_yaxes(title_text="occurrences per 1k tokens", col=1, rangemode="tozero")
     fig.update_layout(legend_title="")
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
-    return titled(fig, "Hedging and reflection markers per 1k tokens", common.caption(f["summary"]))
+    return titled(fig, "Hedging and reflection markers per 1k tokens (95% Poisson CI)", common.caption(f["summary"]))
 
 
 def _problem_lengths(f: dict[str, pl.DataFrame]) -> go.Figure:
