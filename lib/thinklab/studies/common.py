@@ -393,13 +393,6 @@ def with_outcome(frame: pl.DataFrame, df: pl.DataFrame) -> pl.DataFrame:
             .join(counts, on="correct", how="left", nulls_equal=True, maintain_order="left"))
 
 
-def counted(frame: pl.DataFrame, column: str, n: str | None = None) -> pl.DataFrame:
-    """`frame` with `column` relabelled 'value (n=N)': N the rows per value, or the sum of `n` per value."""
-    counts = (frame.group_by(column).agg(_n=pl.len() if n is None else pl.col(n).sum()))
-    return (frame.join(counts, on=column, how="left", nulls_equal=True, maintain_order="left")
-            .with_columns(pl.format("{} (n={})", pl.col(column), pl.col("_n")).alias(column)).drop("_n"))
-
-
 def with_truncation(frame: pl.DataFrame, df: pl.DataFrame, keys: Sequence[str]) -> pl.DataFrame:
     """`frame` with `truncated_share` (finish_reason 'length') of its group in `df` joined on `keys`."""
     keys = list(keys)
