@@ -18,7 +18,6 @@ import re
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.io as pio
