@@ -126,9 +126,26 @@ def test_estimates_carry_error_bars(figures):
     for study, name in (("temperature", "pass_at_k"), ("temperature", "maj_at_k"), ("temperature", "accuracy_vs_temperature"),
                         ("overthinking", "accuracy_vs_budget"), ("overthinking", "selection"),
                         ("overthinking", "phase_entropy"), ("quantization", "accuracy"), ("moe", "accuracy_vs_k"),
-                        ("temperature", "entropy_length")):
+                        ("temperature", "entropy_length"), ("temperature", "coverage"), ("overthinking", "markers")):
         fig = figures[study][name]
         assert any(t.error_y and t.error_y.array is not None for t in fig.data), (study, name)
+
+
+def test_truncated_samples_are_marked_in_the_truncated_colour(tables, figures):
+    for study, name in (("overthinking", "length_correct_vs_incorrect"), ("quantization", "length")):
+        table = tables[study]
+        cut = table.filter(pl.col("finish_reason") == "length")
+        assert cut.height, study  # the synthetic tables do cut some samples
+        fig = figures[study][name]
+        (line,) = [s for s in fig.layout.shapes if s.y0 == s.y1]
+        assert line.line.color == plots.OUTCOME_COLORS["truncated"] and line.y0 == cut["n_tokens"].max()
+        assert any(f"truncated at max_tokens (n={cut.height})" == a.text for a in fig.layout.annotations), study
+
+
+def test_wilson_interval():
+    low, high = plots.wilson_ci(0.5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
+    assert plots.wilson_ci(1.0, 4)[1] == 1.0 and plots.wilson_ci(0.0, 0) == (0.0, 0.0)
 
 
 def test_k_curves_carry_intervals_around_their_estimates(tables):

@@ -362,3 +362,29 @@ def normal_ci(std, n):
     import polars as pl
 
     return (1.96 * std / n.cast(pl.Float64).sqrt()).fill_null(0.0).fill_nan(0.0)
+
+
+def mark_truncation(fig: go.Figure, frame, y: str = "n_tokens") -> go.Figure:
+    """A dashed line, in the truncated colour, at the length of the samples cut at max_tokens
+    (finish_reason 'length'), with their count; nothing when none was cut."""
+    import polars as pl
+
+    if "finish_reason" not in frame.columns or y not in frame.columns:
+        return fig
+    cut = frame.filter(pl.col("finish_reason") == "length")
+    if cut.is_empty():
+        return fig
+    fig.add_hline(y=float(cut[y].max()), line_dash="dash", line_color=OUTCOME_COLORS["truncated"],
+                  annotation_text=f"truncated at max_tokens (n={cut.height})", annotation_position="top left",
+                  annotation_font_color=OUTCOME_COLORS["truncated"])
+    return fig
+
+
+def wilson_ci(share: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a share observed in n trials ((0, 0) for n = 0)."""
+    if n <= 0:
+        return (0.0, 0.0)
+    z = 1.96
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

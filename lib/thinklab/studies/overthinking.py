@@ -19,7 +19,7 @@ import polars as pl
 from thinklab import plots
 from thinklab.analysis import overthinking as ana
 from thinklab.config import BudgetSpec, RunSpec
-from thinklab.plots import ci_errors, normal_ci, outcome_args, placeholder, titled
+from thinklab.plots import ci_errors, mark_truncation, normal_ci, outcome_args, placeholder, titled
 from thinklab.studies import common
 from thinklab.studies.common import grid, non_empty, positive
 
@@ -172,6 +172,7 @@ def _length_correct_vs_incorrect(f: dict[str, pl.DataFrame]) -> go.Figure:
                  hover_data=["problem_id", "sample_idx", "finish_reason"], **outcome_args(frame))
     fig.update_layout(yaxis_title="generated tokens", xaxis_title="thinking budget (tokens)", legend_title="",
                       yaxis_rangemode="tozero")
+    mark_truncation(fig, frame)
     return titled(fig, "Generated length of correct vs. incorrect samples", common.caption(f["summary"]))
 
 

@@ -29,7 +29,7 @@ from thinklab import plots
 from thinklab.analysis import overthinking as ot
 from thinklab.analysis import quantization as ana
 from thinklab.config import RunSpec
-from thinklab.plots import ci_errors, outcome_args, placeholder, titled
+from thinklab.plots import ci_errors, mark_truncation, outcome_args, placeholder, titled
 from thinklab.studies import common
 from thinklab.studies.common import grid, non_empty, positive
 
@@ -154,6 +154,7 @@ def _length(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = f["length"]
     fig = _distribution(frame, "n_tokens", ["problem_id", "finish_reason"])
     fig.update_layout(yaxis_title="generated tokens", yaxis_rangemode="tozero")
+    mark_truncation(fig, frame)
     return titled(fig, "Generated length by format (tokens; split by correctness)", _caption(f))
 
 

@@ -22,7 +22,7 @@ from thinklab.analysis import overthinking as ot
 from thinklab.analysis import temperature as ana
 from thinklab.config import RunSpec
 from thinklab.metrics import bootstrap_ci, maj_at_k_table, pass_at_k_table
-from thinklab.plots import ci_errors, int_ticks, normal_ci, placeholder, titled, with_n
+from thinklab.plots import ci_errors, int_ticks, normal_ci, placeholder, titled, wilson_ci, with_n
 from thinklab.studies import common
 from thinklab.studies.common import grid, positive
 
@@ -173,13 +173,19 @@ def _coverage(f: dict[str, pl.DataFrame]) -> go.Figure:
     fig = go.Figure()
     for row in frame.iter_rows(named=True):
         suffix = f" (top_p={row['top_p']:.3g})" if frame.height > 1 else ""
+        (best_low, best_high), (union_low, union_high) = (wilson_ci(row[c], row["n_problems"])
+                                                          for c in ("best_single", "union"))
         fig.add_trace(go.Bar(x=["best single temperature", "some temperature (union)"],
                              y=[row["best_single"], row["union"]], name=with_n(f"top_p={row['top_p']:.3g}", row["n_problems"]),
+                             error_y=dict(type="data", symmetric=False,
+                                          array=[best_high - row["best_single"], union_high - row["union"]],
+                                          arrayminus=[row["best_single"] - best_low, row["union"] - union_low]),
                              text=[f"{row['best_single']:.2f} (T={row['T']}){suffix}", f"{row['union']:.2f}"],
                              textposition="outside", cliponaxis=False))
     fig.update_layout(yaxis_range=[0, 1.05], yaxis_title="share of problems solved", showlegend=frame.height > 1,
                       legend_title="nucleus (problems)")
-    return titled(fig, "Share of problems solved (pass@n): union vs. best single temperature", _caption(f))
+    return titled(fig, "Share of problems solved (pass@n): union vs. best single temperature (95% Wilson CI)",
+                  _caption(f))
 
 
 def _voting(f: dict[str, pl.DataFrame]) -> go.Figure:
