@@ -87,7 +87,7 @@ LABELS = {
 pio.templates[TEMPLATE] = go.layout.Template(
     layout=dict(
         font=dict(family="Helvetica, Arial, sans-serif", size=14, color="#222222"),
-        title=dict(font=dict(size=17), x=0.0, xanchor="left"),
+        title=dict(font=dict(size=17), x=0.015, xanchor="left"),
         paper_bgcolor="white",
         plot_bgcolor="white",
         colorway=COLORWAY,
