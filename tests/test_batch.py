@@ -20,12 +20,15 @@ from thinklab import batch, paths
 ROOT = Path(__file__).resolve().parents[1]
 TOY_PARAMETERS = '''task = "ok"  # "ok" draws a line; anything else raises (a comment with (parens) and "quotes")
 n_points = 3  # points on the line
+figure_subdir = ""  # set by thinklab batch
+figure_log = ""  # set by thinklab batch
 '''
 TOY_BODY = '''import plotly.graph_objects as go
 from thinklab import plots
 if task != "ok":
     raise ValueError(f"unknown task {task!r}")
-plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", formats=["html"])
+plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", formats=["html"],
+             subdir=figure_subdir, log=figure_log or None)
 '''
 
 
@@ -62,9 +65,15 @@ def _sweep(folder: Path, spec: dict, name: str = "toy") -> Path:
     return path
 
 
+def overthinking_figures():
+    from thinklab.studies import overthinking
+
+    return overthinking.FIGURES
+
+
 def test_notebook_parameters_parsed_with_comments_papermill_drops(tmp_path):
     names = batch.notebook_parameters(_toy_notebook(tmp_path))
-    assert list(names) == ["task", "n_points"] and names["n_points"] == "3"
+    assert list(names) == ["task", "n_points", "figure_subdir", "figure_log"] and names["n_points"] == "3"
     # every shipped notebook's parameters are found, whatever its comments hold
     assert {"model", "task", "budgets", "temperature"} <= set(batch.notebook_parameters(ROOT / "notebooks/01_overthinking.ipynb"))
 
@@ -132,8 +141,10 @@ def test_failing_set_does_not_stop_others_and_rerun_retries_only_it(isolated, ca
         assert Path(row["notebook"]).is_file()  # the executed notebook is kept, failed or not
         assert row["duration_s"] > 0
     a = first.filter(pl.col("set") == "a").row(0, named=True)
-    # each set's figures are its own, under figures/<study>/<sweep>/<set>/
-    assert a["figures"] == [str((isolated / "figures" / "toy" / "toy" / "a" / "line.html").resolve())]
+    # each set's figures are its own, under figures/<study>/<sweep>/<set>/, passed in as notebook parameters
+    folder = (isolated / "figures" / "toy" / "toy" / "a").resolve()
+    assert a["figures"] == [str(folder / "line.html"), str(folder / "line.json")]
+    assert json.loads((folder / "line.json").read_text())["files"] == ["line.html"]
     assert json.loads(a["parameters"]) == {"n_points": 2}
     index_md = (out / "index.md").read_text()
     assert "| broken | failed |" in index_md and "ValueError: unknown task 'nope'" in index_md
@@ -172,8 +183,13 @@ def test_overthinking_sweep_with_a_bad_task(isolated):
     assert rows["bad_task"]["status"] == "failed"
     assert rows["bad_task"]["error"].startswith("TaskError: unknown reasoning-gym task 'no_such_task'")
     figures = [Path(f) for f in rows["tiny"]["figures"]]
-    assert figures and all(f.is_file() and f.suffix == ".html" for f in figures)
+    assert figures and all(f.is_file() and f.suffix in (".html", ".json") for f in figures)
     assert all((isolated / "figures" / "overthinking" / "overthinking_tiny" / "tiny") in f.parents for f in figures)
+    # each figure's sidecar names the runs behind it (the set's conditions) and its parameters
+    sidecars = [json.loads(f.read_text()) for f in figures if f.suffix == ".json"]
+    assert len(sidecars) == len(overthinking_figures()) and all(len(s["run_ids"]) == 2 for s in sidecars)
+    assert {s["params"]["budgets"] == [8, None] for s in sidecars} == {True}
+    assert "figure_log" not in sidecars[0]["params"]
 
     second = batch.run_sweep(sweep, workers=2)
     assert dict(zip(second["set"], second["action"])) == {"tiny": "skipped", "bad_task": "ran"}

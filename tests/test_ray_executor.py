@@ -29,6 +29,8 @@ needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray is not installed (pip in
 
 PARAMETERS = '''task = "ok"  # "ok" draws a line; "die-once" kills its Ray worker on the first try; anything else raises
 n_points = 3  # points on the line
+figure_subdir = ""  # set by thinklab batch
+figure_log = ""  # set by thinklab batch
 marker = ""  # file that "die-once" creates before killing its worker
 '''
 BODY = '''import os, signal, time
@@ -41,7 +43,8 @@ if task == "die-once" and not os.path.exists(marker):
 if task not in ("ok", "die-once"):
     raise ValueError(f"unknown task {task!r}")
 time.sleep(2)  # long enough that two sets placed on two nodes overlap in time
-plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", formats=["html"])
+plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", formats=["html"],
+             subdir=figure_subdir, log=figure_log or None)
 '''
 
 

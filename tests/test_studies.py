@@ -54,6 +54,11 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+def _rows(table: pl.DataFrame) -> list[dict]:
+    """The rows of `table` with its float32 knobs as written (0.6, not 0.6000000238418579), as the frames hold them."""
+    return [dict(r, temperature=round(r["temperature"], 6), top_p=round(r["top_p"], 6)) for r in table.to_dicts()]
+
+
 def _finite(values) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
@@ -408,13 +413,18 @@ def _maj_at_k(samples: list[dict], k: int) -> float:
 
 
 def test_temperature_summary(temperature_table, temperature_frames):
-    _check_summary(temperature_frames["summary"], temperature_table.to_dicts(), ["temperature", "top_p"])
+    assert temperature_table["temperature"].dtype == pl.Float32  # stored as float32: 0.6 is 0.6000000238418579
+    rows = _rows(temperature_table)
+    _check_summary(temperature_frames["summary"], rows, ["temperature", "top_p"])
     assert temperature_frames["summary"]["samples_per_problem"].to_list() == [1, 4, 4]
     assert set(temperature_frames["summary"]["T"]) == {"0.0", "0.6", "1.0"}  # float32 0.6 printed short
+    # the summary holds the values as written: no float32 noise when printed or put in a label
+    assert temperature_frames["summary"]["temperature"].to_list() == [0.0, 0.6, 1.0]
+    assert "0.6000000" not in str(temperature_frames["summary"])
 
 
 def test_temperature_pass_and_maj_at_k(temperature_table, temperature_frames):
-    by_cell = _groups([r for r in temperature_table.to_dicts() if r["temperature"] > 0], ["temperature", "problem_id"])
+    by_cell = _groups([r for r in _rows(temperature_table) if r["temperature"] > 0], ["temperature", "problem_id"])
     for name, metric in (("pass_at_k", "pass_at_k"), ("maj_at_k", "maj_at_k")):
         frame = temperature_frames[name]
         assert set(zip(frame["T"], frame["k"])) == {(t, k) for t in ("0.6", "1.0") for k in (1, 2, 4)}
@@ -429,7 +439,7 @@ def test_temperature_pass_and_maj_at_k(temperature_table, temperature_frames):
 
 
 def test_temperature_solve_matrix_and_coverage(temperature_table, temperature_frames):
-    cells = _groups(temperature_table.to_dicts(), ["problem_id", "temperature"])
+    cells = _groups(_rows(temperature_table), ["problem_id", "temperature"])
     frame = temperature_frames["solve_matrix"]
     assert frame.height == len(cells) == 9
     for row in frame.iter_rows(named=True):
@@ -445,7 +455,7 @@ def test_temperature_solve_matrix_and_coverage(temperature_table, temperature_fr
 
 
 def test_temperature_voting(temperature_table, temperature_frames):
-    rows = [r for r in temperature_table.to_dicts() if r["temperature"] > 0]
+    rows = [r for r in _rows(temperature_table) if r["temperature"] > 0]
     frame = temperature_frames["voting"]
     pooled = frame.filter(pl.col("scheme") == "pooled")
     single = frame.filter(pl.col("scheme") == "single")
@@ -462,7 +472,7 @@ def test_temperature_voting(temperature_table, temperature_frames):
 
 
 def test_temperature_entropy_length_and_accuracy(temperature_table, temperature_frames):
-    rows = temperature_table.to_dicts()
+    rows = _rows(temperature_table)
     by_t = _groups(rows, ["temperature"])
     frame = temperature_frames["entropy_length"]
     assert frame.height == 9

@@ -1,5 +1,9 @@
 """thinklab: measure how language models behave at test time."""
 
+from thinklab.quiet import silence_third_party as _silence_third_party
+
+_silence_third_party()  # before torch/torchao load: their import-time noise says nothing about a run
+
 
 def run(spec, **options):
     """Generate (or load) a run and return its sample table; see `thinklab.runner.run`."""

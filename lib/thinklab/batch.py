@@ -31,6 +31,12 @@ straight to figures/<study>/), `timeout` (seconds per cell, default none), `kern
 set a Ray task, see `thinklab.ray_executor`) and `ray` (its `address`, `cpus` and `gpus`
 per set, `max_retries`).
 
+Figures reach the index through two notebook parameters, passed like any other: where a
+notebook's parameters cell declares `figure_subdir` and `figure_log` (the study notebooks
+do), each set gets `figure_subdir=<sweep>/<set>` (with `separate_figures`) and
+`figure_log=<out>/.<set>.figures`, a file its figure exports append to; a set that gives
+either itself keeps its own. They are not part of the set's parameter hash.
+
 This module knows nothing about studies: it sees a notebook, its parameters cell and
 files. Generation caching is the notebook's business (runs are content-addressed).
 """
@@ -410,8 +416,6 @@ def _execute(job: dict) -> dict:
     logging.getLogger("papermill").setLevel(logging.ERROR)
     figure_log = Path(job["figure_log"])
     figure_log.unlink(missing_ok=True)
-    os.environ["THINKLAB_FIGURE_LOG"] = str(figure_log)
-    os.environ["THINKLAB_FIGURE_SUBDIR"] = job["figure_subdir"]
     if job.get("threads"):
         # several kernels at once: split the cores between them rather than oversubscribe
         os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
@@ -423,7 +427,8 @@ def _execute(job: dict) -> dict:
     # executed notebook is only ever a whole record of one execution
     partial = output.with_name(f".{output.stem}.tmp-{os.getpid()}.ipynb")
     try:
-        pm.execute_notebook(job["notebook"], str(partial), parameters=job["parameters"], cwd=job["cwd"],
+        pm.execute_notebook(job["notebook"], str(partial), parameters={**job.get("figure_parameters", {}),
+                                                                       **job["parameters"]}, cwd=job["cwd"],
                             kernel_name=job["kernel"], execution_timeout=job["timeout"],
                             progress_bar=False, log_output=False, report_mode=False,
                             kernel_manager_class=_tied_kernel_manager())
@@ -442,6 +447,13 @@ def _execute(job: dict) -> dict:
     return {"set": job["set"], "status": status, "started": started.isoformat(timespec="seconds"),
             "duration_s": round(time.perf_counter() - t0, 2), "error": error, "error_cell": error_cell,
             "figures": figures}
+
+
+def _figure_parameters(sweep: Sweep, ps: ParameterSet) -> dict[str, str]:
+    """The figure routing a set's notebook receives, for the names its parameters cell declares."""
+    routing = {"figure_subdir": f"{sweep.name}/{ps.name}" if sweep.separate_figures else "",
+               "figure_log": str(sweep.out_dir / f".{ps.name}.figures")}
+    return {k: v for k, v in routing.items() if k in sweep.known_parameters}
 
 
 def _read_index(out_dir: Path) -> dict[str, dict]:
@@ -579,7 +591,7 @@ def _run_sets(sweep: Sweep, workers: int, force: bool, executor: str = "local", 
         "set": ps.name, "notebook": str(sweep.notebook), "output": str(sweep.out_dir / f"{ps.name}.ipynb"),
         "parameters": ps.parameters, "cwd": str(sweep.notebook.parent), "kernel": sweep.kernel,
         "timeout": sweep.timeout, "figure_log": str(sweep.out_dir / f".{ps.name}.figures"),
-        "figure_subdir": f"{sweep.name}/{ps.name}" if sweep.separate_figures else "",
+        "figure_parameters": _figure_parameters(sweep, ps),
         "threads": max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None,
     } for ps in todo]
     def record(job: dict, result: dict, done: int) -> None:
@@ -600,7 +612,7 @@ def _run_sets(sweep: Sweep, workers: int, force: bool, executor: str = "local", 
         for done, (job, result) in enumerate(ray_executor.run_jobs(jobs, _execute, options), start=1):
             record(job, result, done)
     elif jobs:
-        # spawn: a fresh interpreter per set, so its environment (figure routing) and kernel are its own
+        # spawn: a fresh interpreter per set, so its environment and kernel are its own
         context = multiprocessing.get_context("spawn")
         done = 0
         pool_options = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}

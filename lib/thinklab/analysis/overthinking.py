@@ -463,7 +463,7 @@ def entropy_along_trace(
 
     Each sample's slice means (see `with_trace_stats`) count once per slice; empty slices
     are left out. Returns `by`..., correct, bin, position (slice centre in [0, 1]),
-    mean_entropy, n_samples.
+    mean_entropy, n_samples, std (of the samples' slice means; null for one sample).
     """
     by = _by(df, by)
     keys = [*by, "correct"]
@@ -479,19 +479,22 @@ def entropy_along_trace(
     present = ~np.isnan(profile)
     flat_index = (codes[:, None] * n_bins + np.arange(n_bins)[None, :])[present]
     sums = np.bincount(flat_index, weights=profile[present].astype(np.float64), minlength=n_groups * n_bins)
+    squares = np.bincount(flat_index, weights=profile[present].astype(np.float64) ** 2, minlength=n_groups * n_bins)
     counts = np.bincount(flat_index, minlength=n_groups * n_bins)
     firsts = group.group_by("_g").agg(pl.all().first()).sort("_g")
     with np.errstate(divide="ignore", invalid="ignore"):
         means = sums / counts
+        variance = np.where(counts > 1, (squares - counts * means**2) / (counts - 1), np.nan)
     out = firsts.select(pl.all().gather(np.repeat(np.arange(n_groups), n_bins))).with_columns(
         bin=pl.Series(np.tile(np.arange(n_bins), n_groups), dtype=pl.Int64),
         mean_entropy=pl.Series(means),
         n_samples=pl.Series(counts, dtype=pl.Int64),
+        std=pl.Series(np.sqrt(np.clip(variance, 0, None)), nan_to_null=True),
     )
     return (
         out.with_columns(position=(pl.col("bin") + 0.5) / n_bins)
         .filter(pl.col("n_samples") > 0)
-        .select(*keys, "bin", "position", "mean_entropy", "n_samples")
+        .select(*keys, "bin", "position", "mean_entropy", "n_samples", "std")
         .sort([*keys, "bin"], nulls_last=True)
     )
 

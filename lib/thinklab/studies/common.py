@@ -2,7 +2,7 @@
 and the sample counts every table and figure reports.
 
 `StudyParams` holds the parameters all studies take (model, backend, dtype, forward,
-task, problems, samples, tokens, seed, bootstrap replicates, figure formats); each
+task, problems, samples, tokens, seed, bootstrap replicates, where figures go); each
 study's `Params` extends it with its own knobs. `check_params` turns raw values (a
 notebook's parameters, papermill's injected strings, a YAML sweep) into a checked
 `Params` or raises one error naming each bad parameter, its value and what is valid.
@@ -80,6 +80,9 @@ class StudyParams:
     seed: int = field(default=0, metadata=rule(lambda v: v >= 0, "an int >= 0"))
     n_boot: int = field(default=1000, metadata=positive())
     figure_formats: tuple[str, ...] = field(default=("html", "png"), metadata=grid(choice(*FIGURE_FORMATS), allow_empty=True))
+    # where figures go: figures/<study>/<figure_subdir>/<runs>/ (`thinklab batch` sets both per set)
+    figure_subdir: str = ""
+    figure_log: str = ""
 
     def run_spec(
         self,
@@ -228,17 +231,36 @@ def _knob(spec: RunSpec, knob: str) -> Any:
     }[knob]
 
 
+# How a condition header names each knob, and what a knob left unset (None) means.
+KNOB_NAMES = {"quantization": "format", "moe_top_k": "top-k", "thinking_budget": "thinking budget",
+              "wait_extensions": "Wait extensions"}
+KNOB_NULLS = {"quantization": "baseline", "moe_top_k": "checkpoint's own", "thinking_budget": "uncapped"}
+
+
+def condition_header(spec: RunSpec, knobs: Sequence[str]) -> str:
+    """'format=int8-wo, temperature=0.6': the value of each knob in `knobs` for `spec`."""
+    from thinklab.plots import value_label
+
+    def value(knob: str) -> str:
+        v = _knob(spec, knob)
+        return KNOB_NULLS.get(knob, "none") if v is None else value_label(v)
+
+    return ", ".join(f"{KNOB_NAMES.get(k, k)}={value(k)}" for k in knobs)
+
+
 def run_conditions(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None,
-                   **run_options) -> pl.DataFrame:
-    """Run (or load) every spec and return one long sample table across them; the runs on
-    one model are generated together (`runner.run_many`), so the batch stays full across them."""
+                   knobs: Sequence[str] = (), **run_options) -> pl.DataFrame:
+    """Run (or load) every spec and return one long sample table across them. Each condition's
+    header names `knobs` (the study's own) and every other knob that varies between `specs`.
+    The runs on one model are generated together (`runner.run_many`), so the batch stays full
+    across them; `run_options` (batch_size, chunk_problems) go to it."""
     from thinklab import runner
 
     if progress:
-        knobs = varying_knobs(specs) or ["model"]
+        named = list(dict.fromkeys([*knobs, *varying_knobs(specs)])) or ["model"]
         for i, spec in enumerate(specs):
-            setting = ", ".join(f"{k}={_knob(spec, k)}" for k in knobs)
-            print(f"[thinklab] condition {i + 1}/{len(specs)}: {setting} ({runner.run_dir(spec, runs_root)})")
+            print(f"[thinklab] condition {i + 1}/{len(specs)}: {condition_header(spec, named)} "
+                  f"({runner.run_dir(spec, runs_root)})")
     frames = runner.run_many(specs, runs_root=runs_root, progress=progress, **run_options)
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
@@ -298,11 +320,38 @@ def summary(df: pl.DataFrame, by: Sequence[str]) -> pl.DataFrame:
         truncated_share=(pl.col("finish_reason") == TRUNCATED).mean(),
         mean_tokens=pl.col("n_tokens").cast(pl.Float64).mean(),
     )
-    return (
+    return clean_floats(
         counts.join(most, on=keys, nulls_equal=True)
         .sort(keys, nulls_last=True)
-        .select(*by, "n_problems", "samples_per_problem", "n", "accuracy", "truncated_share", "mean_tokens")
+        .select(*by, "n_problems", "samples_per_problem", "n", "accuracy", "truncated_share", "mean_tokens"),
+        by,
     )
+
+
+def clean_floats(frame: pl.DataFrame, columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """`frame` with its float32 knob columns (temperature, top_p) as the float64 values they were
+    written as: 0.6, not 0.6000000238418579 (rounded to 6 decimals, below float32's noise)."""
+    columns = [c for c in dict.fromkeys(columns if columns is not None else ("temperature", "top_p"))
+               if c in frame.columns and frame[c].dtype == pl.Float32]
+    if not columns:
+        return frame
+    return frame.with_columns(pl.col(c).cast(pl.Float64).round(6) for c in columns)
+
+
+def graded(frame: pl.DataFrame, column: str = "correct") -> pl.DataFrame:
+    """`frame` with `graded`: "correct" or "incorrect", the legend words of every study."""
+    return frame.with_columns(
+        graded=pl.when(pl.col(column).cast(pl.Boolean)).then(pl.lit("correct")).otherwise(pl.lit("incorrect")))
+
+
+def with_outcome(frame: pl.DataFrame, df: pl.DataFrame) -> pl.DataFrame:
+    """`frame` (with a boolean `correct`) with `outcome`: 'correct (n=N)' or 'incorrect (n=N)', N the
+    samples of `df` with that outcome, the legend entries of every correct/incorrect split."""
+    counts = (df.group_by(pl.col("correct").cast(pl.Boolean)).agg(_n=pl.len())
+              .with_columns(outcome=pl.format("{} (n={})", pl.when(pl.col("correct")).then(pl.lit("correct"))
+                                              .otherwise(pl.lit("incorrect")), "_n")).drop("_n"))
+    return (frame.with_columns(pl.col("correct").cast(pl.Boolean))
+            .join(counts, on="correct", how="left", nulls_equal=True, maintain_order="left"))
 
 
 def with_truncation(frame: pl.DataFrame, df: pl.DataFrame, keys: Sequence[str]) -> pl.DataFrame:

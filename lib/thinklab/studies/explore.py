@@ -3,7 +3,9 @@
 `explore(study, df, params)` shows a figure dropdown and one multi-select per column that
 tells the samples apart (task, model, level and each condition column that varies); every
 change recomputes `study.frames` on the chosen rows and draws `study.FIGURES[name]` from
-them, so nothing regenerates. `filter_options` and `filter_samples` are the pure parts.
+them, so nothing regenerates. It opens with no figure chosen: the notebook's figure loop
+has just drawn every one, and a second copy of the first figure read as a duplicate.
+`filter_options` and `filter_samples` are the pure parts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import polars as pl
 
 from thinklab.metrics import condition_columns
 
+CHOOSE = "(choose a figure)"
 NULL_LABELS = {"thinking_budget": "uncapped", "quantization": "baseline", "moe_top_k": "checkpoint's own"}
 
 
@@ -47,9 +50,9 @@ def label(column: str, value: Any) -> str:
     """How a value reads in the widget: floats stored as float32 rounded, nulls named."""
     if value is None:
         return NULL_LABELS.get(column, "none")
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+    from thinklab.plots import value_label
+
+    return value_label(value)
 
 
 def explore(study: ModuleType, df: pl.DataFrame, params: Any) -> None:
@@ -57,7 +60,7 @@ def explore(study: ModuleType, df: pl.DataFrame, params: Any) -> None:
     import ipywidgets as widgets
     from IPython.display import display
 
-    figure = widgets.Dropdown(options=list(study.FIGURES), description="figure")
+    figure = widgets.Dropdown(options=[CHOOSE, *study.FIGURES], value=CHOOSE, description="figure")
     selects = {
         column: widgets.SelectMultiple(options=[(label(column, v), v) for v in values], value=tuple(values),
                                        description=column, rows=min(len(values), 6))
@@ -68,6 +71,9 @@ def explore(study: ModuleType, df: pl.DataFrame, params: Any) -> None:
     def redraw(_change=None) -> None:
         with out:
             out.clear_output(wait=True)
+            if figure.value == CHOOSE:
+                print("choose a figure to redraw it from the chosen samples")
+                return
             rows = filter_samples(df, {column: select.value for column, select in selects.items()})
             if rows.height == 0:
                 print("no samples for this choice")

@@ -20,10 +20,11 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
+from thinklab import plots
 from thinklab.analysis import moe as ana
 from thinklab.analysis import overthinking as ot
 from thinklab.config import RunSpec
-from thinklab.plots import placeholder, titled
+from thinklab.plots import ci_errors, int_ticks, placeholder, titled
 from thinklab.studies import common
 from thinklab.studies.common import grid, non_empty, positive
 
@@ -52,7 +53,7 @@ def conditions(params: Params) -> list[RunSpec]:
 def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None) -> pl.DataFrame:
     """The sample table of every condition (with the routing columns where traced) and its
     per-sample entropy statistics."""
-    return ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root))
+    return ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root, knobs=["moe_top_k"]))
 
 
 # --------------------------------------------------------------------------- frames
@@ -90,8 +91,7 @@ def _caption(f: dict[str, pl.DataFrame]) -> str:
 
 
 def _errors(frame: pl.DataFrame) -> dict:
-    return dict(error_y=(frame["ci_high"] - frame["estimate"]).to_list(),
-                error_y_minus=(frame["estimate"] - frame["ci_low"]).to_list())
+    return ci_errors(frame, "estimate")
 
 
 def _metric_vs_k(metric: str):
@@ -103,12 +103,14 @@ def _metric_vs_k(metric: str):
         title = f"{label[0].upper()}{label[1:]} vs. active experts per token (95% bootstrap CI over problems)"
         if sub.is_empty():
             return placeholder(title, f"the table has no {metric} column", _caption(f))
-        fig = px.line(sub, x="moe_top_k", y="estimate", markers=True,
+        sub = sub.with_columns(shown=pl.format("n={}", "n"))
+        fig = px.line(sub, x="moe_top_k", y="estimate", markers=True, text="shown", template=plots.TEMPLATE, labels=plots.LABELS,
                       hover_data=["active_fraction", "n", "n_clusters", "truncated_share"], **_errors(sub))
+        fig.update_traces(textposition="bottom right", cliponaxis=False, marker_size=9)
         fig.update_layout(xaxis_title="active experts per token (top-k)", yaxis_title=label)
-        fig.update_xaxes(tickvals=sub["moe_top_k"].to_list())
+        int_ticks(fig, sub["moe_top_k"])
         if metric == "correct":
-            fig.update_yaxes(range=[-0.02, 1.02])
+            fig.update_yaxes(range=[-0.02, 1.05])
         return titled(fig, title, _caption(f))
 
     draw.__doc__ = f"{label} against top-k, from frames['metrics_vs_k']."
@@ -132,7 +134,7 @@ def _expert_load(f: dict[str, pl.DataFrame]) -> go.Figure:
         columns = [c for c in wide.columns if c != "layer"]
         fig.add_trace(go.Heatmap(z=wide.select(columns).to_numpy(), x=[int(e) for e in columns],
                                  y=wide["layer"].to_list(), coloraxis="coloraxis"), row=1, col=col)
-    fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(title="share")),
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(title="share of<br>routed tokens")),
                       height=max(450, 16 * load["layer"].n_unique()), yaxis_title="layer")
     fig.update_xaxes(title_text="expert")
     return titled(fig, f"{title} (uniform = {1 / max(experts, 1):.3f})", _caption(f))
@@ -142,14 +144,23 @@ def _router_entropy_by_phase(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame, title = f["router_entropy_by_phase"], "Router entropy by phase vs. active experts (95% bootstrap CI)"
     if frame.is_empty():
         return _no_routing(title, f)
-    frame = frame.sort("phase", "moe_top_k")
+    frame = frame.sort("phase", "moe_top_k").with_columns(
+        phase=pl.format("{} (n={})", "phase", pl.col("n").max().over("phase")))
     fig = px.line(frame, x="moe_top_k", y="estimate", color="phase", markers=True, hover_data=["n", "n_clusters"],
-                  **_errors(frame))
-    fig.update_layout(xaxis_title="active experts per token (top-k)", yaxis_title="router entropy (nats)")
-    fig.update_xaxes(tickvals=sorted(set(frame["moe_top_k"].to_list())))
+                  template=plots.TEMPLATE, labels=plots.LABELS, **_errors(frame))
+    fig.update_layout(xaxis_title="active experts per token (top-k)", yaxis_title="router entropy (nats)",
+                      legend_title="phase (samples per top-k)")
+    int_ticks(fig, frame["moe_top_k"])
     experts = f["expert_load"]["expert"].n_unique() if not f["expert_load"].is_empty() else 0
     if experts:
-        fig.add_hline(y=math.log(experts), line_dash="dot", annotation_text=f"ln {experts} (uniform router)")
+        # the ceiling in view (a uniform router over all experts), so the gap to it can be read
+        ceiling = math.log(experts)
+        low = min(frame["ci_low"].min(), frame["estimate"].min())
+        margin = 0.1 * max(ceiling - low, 0.01)
+        fig.add_hline(y=ceiling, line_dash="dot", line_color="#444444",
+                      annotation_text=f"ceiling ln {experts} = {ceiling:.2f} nats (uniform router)",
+                      annotation_position="bottom right")
+        fig.update_yaxes(range=[low - margin, max(ceiling, frame["ci_high"].max()) + margin])
     return titled(fig, title, _caption(f))
 
 

@@ -25,10 +25,11 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
+from thinklab import plots
 from thinklab.analysis import overthinking as ot
 from thinklab.analysis import quantization as ana
 from thinklab.config import RunSpec
-from thinklab.plots import placeholder, titled
+from thinklab.plots import ci_errors, mark_truncation, outcome_args, placeholder, titled
 from thinklab.studies import common
 from thinklab.studies.common import grid, non_empty, positive
 
@@ -78,7 +79,8 @@ def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str |
     """Check every format, then run (or load) every condition; one long sample table with
     per-sample entropy statistics and `format` (the method, or 'baseline')."""
     _check(specs)
-    return ana.with_format(ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root)))
+    return ana.with_format(ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root,
+                                                                         knobs=["quantization"])))
 
 
 # --------------------------------------------------------------------------- frames
@@ -94,7 +96,7 @@ def frames(df: pl.DataFrame, params: Params | None = None) -> dict[str, pl.DataF
     boot = dict(by=(), n_boot=p.n_boot, seed=p.seed)
     accuracy = ana.accuracy_by_format(df, **boot)
     by_level = ana.accuracy_by_format(df, per_level=True, **boot).drop_nulls("level")
-    samples = ana.per_sample(df)
+    samples = common.with_outcome(ana.per_sample(df), df)
     return {
         "summary": _ordered(common.summary(df, ["format"])),
         "accuracy": common.with_truncation(accuracy, df, ["format"]),
@@ -126,38 +128,59 @@ def _caption(f: dict[str, pl.DataFrame]) -> str:
 
 def _accuracy(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = f["accuracy"]
-    fig = px.bar(frame, x="format", y="accuracy", text_auto=".2f", hover_data=["n", "n_problems", "truncated_share"],
-                 error_y=(frame["ci_high"] - frame["accuracy"]).to_list(),
-                 error_y_minus=(frame["accuracy"] - frame["ci_low"]).to_list())
-    fig.update_layout(yaxis_range=[0, 1], yaxis_title="accuracy")
+    frame = _ordered(frame).with_columns(format=pl.format("{}<br>(n={})", "format", "n"),
+                                         shown=pl.col("accuracy").map_elements(lambda v: f"{v:.2f}", return_dtype=pl.Utf8))
+    fig = px.bar(frame, x="format", y="accuracy", text="shown", hover_data=["n", "n_problems", "truncated_share"],
+                 template=plots.TEMPLATE, labels=plots.LABELS, **ci_errors(frame, "accuracy"))
+    fig.update_traces(textposition="outside", cliponaxis=False, marker_color="#0072B2")  # a 0 still reads "0.00"
+    fig.update_layout(yaxis_range=[0, 1.1], yaxis_title="accuracy", xaxis_title="format (samples)")
     return titled(fig, "Accuracy by format (95% bootstrap CI over problems)", _caption(f))
 
 
 def _deltas(f: dict[str, pl.DataFrame]) -> go.Figure:
-    frame = f["deltas"]
-    fig = px.scatter(frame, x="delta", y="format", facet_col="metric",
+    frame = f["deltas"].with_columns(format=pl.format("{} (n={} pairs)", "format", pl.col("n_pairs").max().over("format")))
+    fig = px.scatter(frame, x="delta", y="format", facet_col="metric", template=plots.TEMPLATE, labels=plots.LABELS,
                      hover_data=["n_pairs", "baseline", "quantized", "p_value", "right_to_wrong", "wrong_to_right"],
-                     error_x=(frame["ci_high"] - frame["delta"]).to_list(),
-                     error_x_minus=(frame["delta"] - frame["ci_low"]).to_list())
-    fig.update_xaxes(matches=None, zeroline=True, zerolinewidth=2, zerolinecolor="grey")
-    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
-    return titled(fig, "Paired change vs. baseline (format − baseline, 95% paired bootstrap CI)", _caption(f))
+                     **ci_errors(frame, "delta", axis="x"))
+    fig.update_traces(marker_size=10, marker_color="#0072B2")
+    fig.update_xaxes(matches=None, zeroline=True, zerolinewidth=2, zerolinecolor="#888888", title_text="")
+    units = {"accuracy": "accuracy (Δ share correct)", "length": "length (Δ tokens)", "entropy": "entropy (Δ nats)"}
+    fig.for_each_annotation(lambda a: a.update(text=units.get(a.text.split("=")[-1], a.text.split("=")[-1])))
+    titled(fig, "Paired change vs. baseline (format − baseline, 95% paired bootstrap CI)", _caption(f))
+    return fig.update_yaxes(showticklabels=False).update_yaxes(showticklabels=True, col=1)  # one shared format axis
 
 
 def _length(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = f["length"]
-    fig = px.violin(frame, x="format", y="n_tokens", color="correct", box=True, points="all",
-                    category_orders=_order(frame), hover_data=["problem_id", "finish_reason"])
-    fig.update_layout(yaxis_title="tokens")
+    fig = _distribution(frame, "n_tokens", ["problem_id", "finish_reason"])
+    fig.update_layout(yaxis_title="generated tokens", yaxis_rangemode="tozero")
+    mark_truncation(fig, frame)
     return titled(fig, "Generated length by format (tokens; split by correctness)", _caption(f))
 
 
 def _entropy(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame = f["entropy"]
-    fig = px.violin(frame, x="format", y="mean_token_entropy", color="correct", box=True, points="all",
-                    category_orders=_order(frame), hover_data=["problem_id", "n_tokens"])
-    fig.update_layout(yaxis_title="mean entropy (nats)")
+    fig = _distribution(frame, "mean_token_entropy", ["problem_id", "n_tokens"])
+    fig.update_layout(yaxis_title="mean token entropy (nats)", yaxis_rangemode="tozero")
     return titled(fig, "Mean token entropy per sample by format (nats)", _caption(f))
+
+
+_SMALL_N = 8  # fewer samples than this in a group: a box and its points, not a fitted violin
+
+
+def _distribution(frame: pl.DataFrame, y: str, hover: list[str]) -> go.Figure:
+    """Per format, correct vs. incorrect: violins (span cut at the data) where every group has
+    _SMALL_N samples or more, else boxes with every point (a violin fitted to 2 samples invents a shape)."""
+    args = dict(x="format", y=y, points="all", hover_data=hover, template=plots.TEMPLATE, labels=plots.LABELS,
+                **outcome_args(frame))
+    args["category_orders"] = {**args["category_orders"], **_order(frame)}
+    smallest = frame.group_by("format", "outcome").len()["len"].min() if frame.height else 0
+    if smallest is not None and smallest >= _SMALL_N:
+        fig = px.violin(frame, box=True, **args)
+        fig.update_traces(spanmode="hard")
+    else:
+        fig = px.box(frame, **args)
+    return fig.update_layout(legend_title="")
 
 
 def _flips(f: dict[str, pl.DataFrame]) -> go.Figure:
@@ -181,11 +204,15 @@ def _by_level(f: dict[str, pl.DataFrame]) -> go.Figure:
     frame, title = f["by_level"], "Accuracy by difficulty level and format (95% bootstrap CI)"
     if frame.is_empty():
         return placeholder(title, "the task has no difficulty levels", _caption(f))
-    fig = px.bar(frame, x="level", y="accuracy", color="format", barmode="group", category_orders=_order(frame),
-                 hover_data=["n", "n_problems"],
-                 error_y=(frame["ci_high"] - frame["accuracy"]).to_list(),
-                 error_y_minus=(frame["accuracy"] - frame["ci_low"]).to_list())
-    fig.update_layout(yaxis_range=[0, 1])
+    frame = frame.with_columns(shown=pl.col("accuracy").map_elements(lambda v: f"{v:.2f}", return_dtype=pl.Utf8),
+                               format=pl.format("{} (n={})", "format", pl.col("n").sum().over("format")))
+    order = {f: i for i, f in enumerate(_order(frame.with_columns(format=pl.col("format").str.split(" (n=").list.first()))["format"])}
+    shown_order = sorted(frame["format"].unique().to_list(), key=lambda f: order.get(f.split(" (n=")[0], len(order)))
+    fig = px.bar(frame, x="level", y="accuracy", color="format", barmode="group", category_orders={"format": shown_order},
+                 hover_data=["n", "n_problems"], text="shown", template=plots.TEMPLATE, labels=plots.LABELS,
+                 **ci_errors(frame, "accuracy"))
+    fig.update_traces(textposition="outside", cliponaxis=False)  # a 0 still reads "0.00"
+    fig.update_layout(yaxis_range=[0, 1.1], yaxis_title="accuracy", xaxis_title="difficulty level")
     return titled(fig, title, _caption(f))
 
 
