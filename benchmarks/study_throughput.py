@@ -140,10 +140,10 @@ def main() -> None:
         if args.vllm:
             from thinklab.backends.vllm import VLLMBackend
 
-            vspec = spec.replace(**{"model.backend": "vllm"})
+            vspec = spec.replace(**{"model.backend": "vllm", "model.enforce_eager": not args.vllm_compile})
             t0 = time.perf_counter()
             with _vllm_whole_steps():
-                vb = VLLMBackend(vspec.model, enforce_eager=not args.vllm_compile)
+                vb = VLLMBackend(vspec.model)
             vb.serve_window = 1 << 30  # every call at once: vLLM's own continuous batching does the rest
             start = time.perf_counter() - t0
             vb.generate([[1, 2, 3]], [0], SamplingSpec(temperature=0), 2, progress=False)  # warm-up

@@ -38,7 +38,7 @@ from thinklab.config import ModelSpec, SamplingSpec
 
 
 PLANNED_CONTEXT = 2048  # positions per row the automatic batch size plans memory for
-# Rows at most. On CPU a decode step is compute-bound from about 10-16 rows (fp32 matmul rate
+# Rows at most. On CPU a decode step turns compute-bound after a few tens of rows (fp32 matmul rate
 # over memory bandwidth), so more rows add little speed and lengthen the tail; a GPU's ratio
 # is far higher.
 MAX_ROWS = {"cpu": 32, "cuda": 256}

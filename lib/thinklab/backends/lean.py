@@ -60,7 +60,7 @@ def build_native():
 
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
-    inlined serial and the kernels ran on one core."""
+    inlined serial and the kernels would use one core."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
     if not any(Path(_get_build_directory("thinklab_native", False)).glob("thinklab_native*.so")):
@@ -128,8 +128,8 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 16) -> int:
     the fallback for CPU models the lean forward does not implement.
 
     At decode shapes (a few rows against a large weight) the default path repacks the weight
-    on every call; here a batch-16 step of SmolLM2's linears ran about 2x faster and its
-    vocabulary projection about 3x (benchmarks/decode_roofline.py). Each module stays an
+    on every call, which prepacking avoids (the gain is measured by benchmarks/decode_roofline.py
+    and kept in BENCHMARKS.md). Each module stays an
     `nn.Linear` (hooks still fire, `weight` is untouched and still used by tied embeddings);
     only its `forward` changes. Results differ from `F.linear` by float rounding (~1e-6
     relative). The packed copy costs as much memory as the weights. Returns how many
