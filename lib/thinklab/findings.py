@@ -204,13 +204,17 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     specs = plan.specs()
     if progress:
         print(f"[findings] {plan.summary()}; a killed sweep resumes where it stopped", file=sys.stderr)
-    out = []
     for i, spec in enumerate(specs):
         if progress:
             print(f"[findings] run {i + 1}/{len(specs)} {_run_id(spec)}: {_describe(spec)}", file=sys.stderr)
-        runner.run(spec, runs_root=runs_root, progress=progress)
-        out.append(runner.run_dir(spec, runs_root))
-    return out
+    # The runs on one model go to its backend together (runner.run_many), so its batch stays
+    # full across them; the plan's order (base runs first) is the order their samples start.
+    by_model: dict = {}
+    for spec in specs:
+        by_model.setdefault(spec.model, []).append(spec)
+    for group in by_model.values():
+        runner.run_many(group, runs_root=runs_root, progress=progress)
+    return [runner.run_dir(spec, runs_root) for spec in specs]
 
 
 # --------------------------------------------------------------------------- reading the store
