@@ -287,8 +287,8 @@ class HFBackend(Backend):
                 for s in seeds
             ]).to(dev)
 
-        cache, step = self.forward.new_decoder(B, L + max_new_tokens)
-        logits = step(input_ids, positions, attention, cache)
+        cache, decode = self.forward.new_decoder(B, L + max_new_tokens)
+        logits = decode(input_ids, positions, attention, cache)
         next_pos = positions[:, -1:] + 1
 
         tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
@@ -335,7 +335,7 @@ class HFBackend(Backend):
                 rows = [rows[pos] for pos in keep]
                 rows_t = torch.tensor(rows, device=dev)
             attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-            logits = step(tok[:, None], next_pos, attention, cache)
+            logits = decode(tok[:, None], next_pos, attention, cache)
             next_pos = next_pos + 1
 
         tokens_h, ents_h, lps_h = tokens.cpu(), ents.cpu(), lps.cpu()
