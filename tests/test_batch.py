@@ -118,10 +118,12 @@ def test_shipped_sweeps_are_valid(sweep_file):
     assert sweep.out_dir.parent == (ROOT / "papermill_runs" / "out").resolve()
 
 
-def test_demo_sweep_is_the_overthinking_notebook_with_defaults():
+def test_demo_sweep_is_the_overthinking_notebook_on_the_05b_model_and_gsm8k():
     sweep = batch.load_sweep(ROOT / "papermill_runs" / "demo.yaml")
     assert sweep.notebook.name == "01_overthinking.ipynb"
-    assert [(s.name, s.parameters) for s in sweep.sets] == [("default", {})]
+    [demo] = sweep.sets
+    assert (demo.parameters["model"], demo.parameters["task"]) == ("qwen2.5-0.5b", "gsm8k")
+    assert None in demo.parameters["budgets"] and len(demo.parameters["budgets"]) >= 2  # capped against uncapped
     assert not sweep.separate_figures  # figures land in figures/overthinking/ as `make demo` promises
 
 
