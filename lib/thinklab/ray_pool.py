@@ -149,8 +149,9 @@ def _generate(ray, spec, rid, store, meta, chunks, todo, actors, address, cpus, 
         served = {k: v for k, v in first.items() if k != "where"}
         ray_info = {"actors": [s["where"] for s in setups], "cpus": cpus, "gpus": gpus,
                     "chunks_per_task": chunks_per_task, "parts": dict(meta.get("ray", {}).get("parts", {}))}
-        store.update_meta(started=meta.get("started") or now_iso(), **served, host=platform.node(), argv=sys.argv,
-                          ray=ray_info)
+        # host and argv are the driver's; where each actor ran is under ray.actors
+        store.update_meta(**{**served, "started": meta.get("started") or now_iso(), "host": platform.node(),
+                             "argv": sys.argv, "ray": ray_info})
         t0 = time.time()
         bar = _bar(len(todo), rid, progress)
         queue = list(tasks_)
