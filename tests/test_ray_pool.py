@@ -111,6 +111,20 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, data
     again = runner.run(spec, runs_root=data_dir / "ray", chunk_problems=1, progress=False)
     assert _sorted(again).equals(_sorted(local))
 
+    # and `thinklab generate --executor ray` resumes it on the cluster: only the missing chunk is served
+    store.part_path(4).unlink()
+    res = subprocess.run([sys.executable, "-m", "thinklab.cli", "generate", "--model", "default",
+                          "--task", "rg:basic_arithmetic", "--n-problems", "6", "--n-samples", "2",
+                          "--max-tokens", "24", "--temperature", "1.0", "--seed", "1",
+                          "--runs-root", str(data_dir / "ray"), "--executor", "ray", "--actors", "2",
+                          "--address", ray_cluster, "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.strip() == str(store.dir)
+    meta = store.read_meta()
+    assert meta["status"] == "complete" and len(meta["ray"]["actors"]) == 1  # one chunk to serve: one actor
+    assert _sorted(store.load()).equals(_sorted(local))
+
 
 @pytest.mark.slow
 @pytest.mark.ray
@@ -173,3 +187,8 @@ def test_bad_pool_settings_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"gpus=-1 is not valid"):
         ray_pool.run(spec, runs_root=tmp_path, gpus=-1)
     assert not list(tmp_path.iterdir())
+    from thinklab import cli
+
+    code = cli.main(["generate", "--task", "rg:basic_arithmetic", "--n-problems", "2", "--runs-root", str(tmp_path),
+                     "--actors", "2"])
+    assert code == 2 and not list(tmp_path.iterdir())
