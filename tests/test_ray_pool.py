@@ -123,6 +123,7 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, data
     assert res.stdout.strip() == str(store.dir)
     meta = store.read_meta()
     assert meta["status"] == "complete" and len(meta["ray"]["actors"]) == 1  # one chunk to serve: one actor
+    assert meta["ray"]["parts"]["4"]["pid"] == meta["ray"]["actors"][0]["pid"]
     assert _sorted(store.load()).equals(_sorted(local))
 
 

@@ -147,8 +147,9 @@ def _generate(ray, spec, rid, store, meta, chunks, todo, actors, address, cpus, 
                     f"{other['where']['host']}: {other['resolved']}); give every node the same weights, dtype and backend")
         runner.check_resume(meta.get("resolved"), first["resolved"], store.dir)
         served = {k: v for k, v in first.items() if k != "where"}
+        kept = {k: v for k, v in meta.get("ray", {}).get("parts", {}).items() if int(k) not in todo}  # a resume
         ray_info = {"actors": [s["where"] for s in setups], "cpus": cpus, "gpus": gpus,
-                    "chunks_per_task": chunks_per_task, "parts": dict(meta.get("ray", {}).get("parts", {}))}
+                    "chunks_per_task": chunks_per_task, "parts": kept}
         # host and argv are the driver's; where each actor ran is under ray.actors
         store.update_meta(**{**served, "started": meta.get("started") or now_iso(), "host": platform.node(),
                              "argv": sys.argv, "ray": ray_info})
