@@ -117,8 +117,17 @@ def cmd_generate(args) -> int:
 
     from thinklab import runner
 
-    df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet,
-                    batch_size=args.batch_size)
+    if args.executor == "ray":
+        from thinklab import ray_pool
+
+        df = ray_pool.run(spec, runs_root=args.runs_root, actors=args.actors or 2, address=args.address,
+                          cpus=args.actor_cpus, gpus=args.actor_gpus, chunk_problems=args.chunk_problems,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    else:
+        if args.actors is not None or args.address is not None:
+            raise ValueError("--actors and --address need --executor ray")
+        df = runner.run(spec, runs_root=args.runs_root, chunk_problems=args.chunk_problems, progress=not args.quiet,
+                        batch_size=args.batch_size)
     if not args.quiet:
         acc = df["correct"].mean() if len(df) else float("nan")
         print(f"{len(df)} samples, accuracy {acc:.3f}, mean tokens {df['n_tokens'].mean():.1f}", file=sys.stderr)
@@ -254,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=None,
                    help="rows the backend decodes at once (speed only: not part of the run id); "
                         "default: chosen from the model and the free memory")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="generate in this process (default) or fan the run's chunks out to a pool of Ray actors")
+    g.add_argument("--actors", type=_positive_int, default=None,
+                   help="Ray actors for --executor ray, each holding a loaded backend (default: 2)")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address for --executor ray (e.g. auto, host:6379); default: start a local Ray")
+    g.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per Ray actor (default: 1)")
+    g.add_argument("--actor-gpus", type=float, default=0.0, help="GPUs per Ray actor (1: one actor per GPU; default: 0)")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the embedded models and whether they are materialized")

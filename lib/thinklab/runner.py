@@ -231,20 +231,7 @@ def run_many(
             stack.enter_context(store.lock())
         todo: dict[ModelSpec, list[_Run]] = {}
         for spec, problems, ident, rid, store in unique:
-            if store.meta_path.is_file():
-                meta = store.read_meta()
-                stored = {"spec": meta["spec"], "task_data": meta.get("task_data")}
-                if stored != json.loads(json.dumps(ident)):
-                    raise RunMismatch(f"{store.dir} holds a different spec or task data than its id says; "
-                                      "remove it and rerun")
-            else:
-                meta = {"run_id": rid, "spec": spec.to_dict(), "task_data": ident["task_data"],
-                        "chunk_problems": _per_chunk(chunk_problems, spec.sampling.n),
-                        "n_problems": len(problems), "created": now_iso(), "status": "running"}
-                store.write_meta(meta)
-            per_chunk = meta["chunk_problems"]
-            chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
-            missing = [k for k in range(len(chunks)) if k not in store.done_chunks()]
+            meta, chunks, missing = open_run(spec, problems, ident, rid, store, chunk_problems)
             if missing:
                 check_spec(spec)  # cheap, and another process may have removed parts since we looked
                 todo.setdefault(spec.model, []).append(_Run(spec, rid, store, chunks, missing))
@@ -257,6 +244,28 @@ def run_many(
     return [store.load() for *_, store in prepared]
 
 
+def open_run(spec: RunSpec, problems: list, ident: dict, rid: str, store: RunStore,
+             chunk_problems: int | None) -> tuple[dict, list[list], list[int]]:
+    """run.json of the run (created when new; refused when it holds another spec or task
+    data), its problems cut into chunks, and the chunks without a part. The caller holds
+    the run's lock."""
+    if store.meta_path.is_file():
+        meta = store.read_meta()
+        stored = {"spec": meta["spec"], "task_data": meta.get("task_data")}
+        if stored != json.loads(json.dumps(ident)):
+            raise RunMismatch(f"{store.dir} holds a different spec or task data than its id says; "
+                              "remove it and rerun")
+    else:
+        meta = {"run_id": rid, "spec": spec.to_dict(), "task_data": ident["task_data"],
+                "chunk_problems": _per_chunk(chunk_problems, spec.sampling.n),
+                "n_problems": len(problems), "created": now_iso(), "status": "running"}
+        store.write_meta(meta)
+    per_chunk = meta["chunk_problems"]
+    chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
+    done = store.done_chunks()
+    return meta, chunks, [k for k in range(len(chunks)) if k not in done]
+
+
 def _todo(store: RunStore, n_problems: int, chunk_problems: int | None, n_samples: int) -> list[int]:
     """Chunks of the run still without a part (all of them for a new run)."""
     per_chunk = store.read_meta()["chunk_problems"] if store.meta_path.is_file() else _per_chunk(chunk_problems, n_samples)
@@ -267,45 +276,64 @@ def _todo(store: RunStore, n_problems: int, chunk_problems: int | None, n_sample
 def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
     """Generate the missing chunks of runs that share `backend`; each chunk is graded and
     written by a background thread as soon as its samples are done."""
+    loaded = backend.identity
+    for r in runs:
+        meta = r.store.read_meta()
+        check_resume(meta.get("resolved"), loaded, r.store.dir)
+        r.store.update_meta(started=meta.get("started") or now_iso(), **serving_meta(r.spec, backend))
+    t_start = time.time()
+
+    def finalize(r: _Run) -> None:
+        r.store.update_meta(finished=now_iso(), status="complete",
+                            generate_seconds=round(time.time() - (r.first_token or t_start), 2))
+
+    serve_chunks(runs, backend, progress, on_run_done=finalize)
+    stats = backend.last_serve_stats
+    if stats:  # what the scheduler did for these runs together (they shared its batch)
+        for r in runs:
+            r.store.update_meta(scheduler={**stats, "runs_served_together": len(runs)})
+
+
+def serving_meta(spec: RunSpec, backend: Backend) -> dict:
+    """What run.json records about the backend that serves `spec` (its `resolved` identity,
+    versions, phase markers, host)."""
     from thinklab import grading
 
     loaded = backend.identity
     info = backend.info
+    markers = rows.phase_markers(spec, backend.tokenizer)
+    return dict(
+        resolved=loaded,
+        versions=_versions(),
+        git_commit=_git_commit(),
+        model={"name": spec.model.name, "fingerprint": loaded["fingerprint"]},
+        backend={"name": info.backend, **info.extra},
+        entropy_mode=info.entropy_mode,
+        entropy_distribution=info.entropy_distribution,
+        phases={"think_start": markers.think_start, "think_end": markers.think_end,
+                "answer_markers": list(markers.answer_markers),
+                "detected_from": "the tokenizer's vocabulary and chat template, unless the spec's budget names them"},
+        forced_tokens="tokens forced by budget cues or 'Wait' carry NaN entropy and log-probability",
+        grader_version=grading.GRADER_VERSION,
+        host=platform.node(),
+        argv=sys.argv,
+    )
+
+
+def serve_chunks(runs: list[_Run], backend: Backend, progress: bool, on_run_done=None) -> None:
+    """Serve chunks `r.todo` of each run on `backend` and write each as one part (graded by a
+    background thread as soon as its samples are done); run.json is not touched here, except
+    through `on_run_done(r)`, called on the writer thread once all of a run's parts are written.
+    Returns when every finished chunk is on disk."""
     tok = backend.tokenizer
-    for r in runs:
-        meta = r.store.read_meta()
-        check_resume(meta.get("resolved"), loaded, r.store.dir)
-        markers = rows.phase_markers(r.spec, tok)
-        r.store.update_meta(
-            started=meta.get("started") or now_iso(),
-            resolved=loaded,
-            versions=_versions(),
-            git_commit=_git_commit(),
-            model={"name": r.spec.model.name, "fingerprint": loaded["fingerprint"]},
-            backend={"name": info.backend, **info.extra},
-            entropy_mode=info.entropy_mode,
-            entropy_distribution=info.entropy_distribution,
-            phases={"think_start": markers.think_start, "think_end": markers.think_end,
-                    "answer_markers": list(markers.answer_markers),
-                    "detected_from": "the tokenizer's vocabulary and chat template, unless the spec's budget names them"},
-            forced_tokens="tokens forced by budget cues or 'Wait' carry NaN entropy and log-probability",
-            grader_version=grading.GRADER_VERSION,
-            host=platform.node(),
-            argv=sys.argv,
-        )
     bars = StudyProgress({i: (f"run {r.rid}", sum(len(r.chunks[k]) for k in r.todo) * r.spec.sampling.n,
                               r.spec.sampling.max_tokens) for i, r in enumerate(runs)}, enabled=progress)
     writer = Background("thinklab-parts")
-    t_start = time.time()
 
     def on_tokens(tag, n: int) -> None:
         if runs[tag].first_token is None:
             runs[tag].first_token = time.time()
         bars.tokens(tag, n)
-
-    def finalize(r: _Run) -> None:
-        r.store.update_meta(finished=now_iso(), status="complete",
-                            generate_seconds=round(time.time() - (r.first_token or t_start), 2))
 
     requests, order = [], 0
     for tag, r in enumerate(runs):
@@ -325,8 +353,8 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
                 routing = backend.routing_columns(chunk.sample_prompts(), chunk.traces, chunk.thinking_tokens(tok))
                 writer.submit(lambda: r.store.write_part(k, chunk.frame(tok, routing)))
                 r.left -= 1
-                if r.left == 0:
-                    writer.submit(lambda: finalize(r))
+                if r.left == 0 and on_run_done is not None:
+                    writer.submit(lambda: on_run_done(r))
 
             requests += trace_requests(tok, chunk.sample_prompts(), chunk.seeds, r.spec.sampling, r.spec.budget,
                                        markers, done, order=range(order, order + len(chunk.flat)), tag=tag)
@@ -339,7 +367,3 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool) -> None:
         raise
     writer.close()
     bars.close()
-    stats = backend.last_serve_stats
-    if stats:  # what the scheduler did for these runs together (they shared its batch)
-        for r in runs:
-            r.store.update_meta(scheduler={**stats, "runs_served_together": len(runs)})
