@@ -126,7 +126,8 @@ def test_estimates_carry_error_bars(figures):
     for study, name in (("temperature", "pass_at_k"), ("temperature", "maj_at_k"), ("temperature", "accuracy_vs_temperature"),
                         ("overthinking", "accuracy_vs_budget"), ("overthinking", "selection"),
                         ("overthinking", "phase_entropy"), ("quantization", "accuracy"), ("moe", "accuracy_vs_k"),
-                        ("temperature", "entropy_length"), ("temperature", "coverage"), ("overthinking", "markers")):
+                        ("temperature", "entropy_length"), ("temperature", "coverage"), ("overthinking", "markers"),
+                        ("temperature", "voting")):
         fig = figures[study][name]
         assert any(t.error_y and t.error_y.array is not None for t in fig.data), (study, name)
 

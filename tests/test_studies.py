@@ -469,6 +469,8 @@ def test_temperature_voting(temperature_table, temperature_frames):
     best = frame.filter(pl.col("scheme") == "best_single")
     for row in best.iter_rows(named=True):
         assert row["maj_at_k"] == pytest.approx(single.filter(pl.col("k") == row["k"])["maj_at_k"].max())
+    for row in frame.iter_rows(named=True):  # every point carries its interval over problems, around it
+        assert row["ci_low"] - 1e-9 <= row["maj_at_k"] <= row["ci_high"] + 1e-9, row
 
 
 def test_temperature_entropy_length_and_accuracy(temperature_table, temperature_frames):

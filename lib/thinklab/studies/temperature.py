@@ -87,7 +87,7 @@ def frames(df: pl.DataFrame, params: Params | None = None) -> dict[str, pl.DataF
         "maj_at_k": _label(_maj_at_k_ci(sampled, ks, p)) if sampled.height else empty,
         "solve_matrix": _label(ana.solve_matrix(df, by=_BY)),
         "coverage": _label(ana.coverage(df, by=_BY), "best_condition"),
-        "voting": (_label(ana.multi_temperature_voting(sampled, ks, by=_BY, seed=p.seed))
+        "voting": (_label(_voting_ci(sampled, ks, p))
                    .with_columns(series=pl.format("{} {}", "scheme", "T")) if sampled.height else empty),
         "entropy_length": _label(ana.entropy_length_vs_temperature(df, by=_BY)),
         "accuracy_vs_temperature": _label(common.with_truncation(accuracy, df, ["temperature", *_BY])),
@@ -112,6 +112,22 @@ def _maj_at_k_ci(sampled: pl.DataFrame, ks: list[int], p: Params) -> pl.DataFram
     """The maj@k curve with its interval (the per-problem expected maj@k resampled)."""
     return _with_ci(ana.maj_at_k_curve(sampled, ks, by=_BY, seed=p.seed),
                     maj_at_k_table(sampled, ks, [*_BY, "temperature"], seed=p.seed), "maj_at_k", p)
+
+
+def _voting_ci(sampled: pl.DataFrame, ks: list[int], p: Params) -> pl.DataFrame:
+    """Pooled vs single-temperature voting with a 95% bootstrap interval over problems on each
+    maj@k: the per-problem maj@k that `metrics.pooled_voting` averages (same seeds), resampled."""
+    voting = ana.multi_temperature_voting(sampled, ks, by=_BY, seed=p.seed)
+    single_keys, pooled_keys = [*_BY, "temperature", "k"], [*_BY, "k"]
+    single = bootstrap_ci(maj_at_k_table(sampled, ks, [*_BY, "temperature"], seed=p.seed), "maj_at_k",
+                          by=single_keys, n_boot=p.n_boot, seed=p.seed).select(*single_keys, "ci_low", "ci_high")
+    pooled = bootstrap_ci(maj_at_k_table(sampled, ks, _BY, seed=p.seed + 1), "maj_at_k",
+                          by=pooled_keys, n_boot=p.n_boot, seed=p.seed).select(*pooled_keys, "ci_low", "ci_high")
+    is_pooled = pl.col("scheme") == "pooled"
+    return pl.concat([
+        voting.filter(~is_pooled).join(single, on=single_keys, how="left", nulls_equal=True, maintain_order="left"),
+        voting.filter(is_pooled).join(pooled, on=pooled_keys, how="left", nulls_equal=True, maintain_order="left"),
+    ], how="diagonal_relaxed").sort([*_BY, "k", "scheme", "temperature"], nulls_last=True)
 
 
 # --------------------------------------------------------------------------- figures
@@ -189,7 +205,7 @@ def _coverage(f: dict[str, pl.DataFrame]) -> go.Figure:
 
 
 def _voting(f: dict[str, pl.DataFrame]) -> go.Figure:
-    title = "Majority vote at equal total budget: pooled temperatures vs. single ones"
+    title = "Majority vote at equal total budget: pooled temperatures vs. single ones (95% bootstrap CI over problems)"
     if f["voting"].is_empty():
         return _greedy_only(title, f)
     shown = (pl.when(pl.col("scheme") == "pooled").then(pl.lit("all temperatures pooled"))
@@ -201,6 +217,7 @@ def _voting(f: dict[str, pl.DataFrame]) -> go.Figure:
                                .otherwise(pl.col("k")))
     fig = px.line(frame, x="k_shown", y="maj_at_k", color="series", line_dash="scheme", symbol="scheme",
                   markers=True, log_x=True, template=plots.TEMPLATE, hover_data=["k", "pass_at_k", "n_problems"],
+                  **ci_errors(frame, "maj_at_k"),
                   labels=plots.LABELS, symbol_map={"best_single": "circle-open", "single": "circle", "pooled": "diamond"},
                   line_dash_map={"best_single": "dash", "single": "solid", "pooled": "dot"})
     fig.update_traces(marker_size=10, selector=dict(marker_symbol="circle-open"))
