@@ -40,6 +40,8 @@ def test_every_parameter_is_a_commented_literal_papermill_can_list(path):
     listed = pm.inspect_notebook(str(path))
     assert set(listed) == set(names), f"papermill --help-notebook misses {set(names) - set(listed)}"
     assert all(listed[n]["help"] for n in names)
+    untyped = [n for n in names if listed[n]["inferred_type_name"] in (None, "None")]
+    assert not untyped, f"{path.name}: papermill --help-notebook shows 'Unknown type' for {untyped}"
 
 
 # --------------------------------------------------------------------------- the study contract in the notebooks
