@@ -139,3 +139,17 @@ def test_cli_runs_prints_the_table(store_root):
     assert len(lines) == 4
     row = next(line for line in lines if line.startswith(run_id(spec_at(1.0)))).split()
     assert row[1:5] == ["temperature", "smollm2-135m", "rg:basic_arithmetic", "1"] and row[6:9] == ["3", "x", "2"]
+
+
+def test_a_study_names_itself_in_the_runs_it_creates(tmp_path):
+    from thinklab import runner, tasks
+    from thinklab.store import RunStore
+
+    spec = runner.canonical_spec(spec_at(0.7, task="rg:basic_arithmetic"))
+    problems = tasks.load_task(spec.task, spec.n_problems, spec.task_seed)
+    ident = runner.identity(spec, problems)
+    rid = run_id(spec, problems)
+    for study in ("overthinking", "temperature"):  # a run shared later keeps the study that created it
+        runner.open_run(spec, problems, ident, rid, RunStore(tmp_path / rid), None, study)
+    [row] = catalog.runs(tmp_path).iter_rows(named=True)
+    assert (row["run_id"], row["study"], row["status"]) == (rid, "overthinking", "running")

@@ -213,7 +213,7 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     for spec in specs:
         by_model.setdefault(spec.model, []).append(spec)
     for group in by_model.values():
-        runner.run_many(group, runs_root=runs_root, progress=progress)
+        runner.run_many(group, runs_root=runs_root, progress=progress, study="findings")
     return [runner.run_dir(spec, runs_root) for spec in specs]
 
 

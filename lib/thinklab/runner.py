@@ -203,6 +203,7 @@ def run_many(
     chunk_problems: int | None = None,
     progress: bool = True,
     batch_size: int | None = None,
+    study: str | None = None,
 ) -> list[pl.DataFrame]:
     """Generate (or load) every run and return their sample tables, in the order of `specs`.
 
@@ -210,6 +211,8 @@ def run_many(
     once (earlier runs' first), so its batch stays full across runs. `batch_size` sets how
     many rows the backend decodes at once (speed, not samples: it is not in the run id);
     `backend` serves every run instead of the cached one per model (tests, benchmarks).
+    `study` names the study that asked for the runs, in the run.json of those it creates
+    (the run catalog shows it; it is not part of the run's identity).
     """
     from thinklab import tasks
 
@@ -231,7 +234,7 @@ def run_many(
             stack.enter_context(store.lock())
         todo: dict[ModelSpec, list[_Run]] = {}
         for spec, problems, ident, rid, store in unique:
-            meta, chunks, missing = open_run(spec, problems, ident, rid, store, chunk_problems)
+            meta, chunks, missing = open_run(spec, problems, ident, rid, store, chunk_problems, study)
             if missing:
                 check_spec(spec)  # cheap, and another process may have removed parts since we looked
                 todo.setdefault(spec.model, []).append(_Run(spec, rid, store, chunks, missing))
@@ -245,7 +248,7 @@ def run_many(
 
 
 def open_run(spec: RunSpec, problems: list, ident: dict, rid: str, store: RunStore,
-             chunk_problems: int | None) -> tuple[dict, list[list], list[int]]:
+             chunk_problems: int | None, study: str | None = None) -> tuple[dict, list[list], list[int]]:
     """run.json of the run (created when new; refused when it holds another spec or task
     data), its problems cut into chunks, and the chunks without a part. The caller holds
     the run's lock."""
@@ -258,7 +261,8 @@ def open_run(spec: RunSpec, problems: list, ident: dict, rid: str, store: RunSto
     else:
         meta = {"run_id": rid, "spec": spec.to_dict(), "task_data": ident["task_data"],
                 "chunk_problems": _per_chunk(chunk_problems, spec.sampling.n),
-                "n_problems": len(problems), "created": now_iso(), "status": "running"}
+                "n_problems": len(problems), "created": now_iso(), "status": "running",
+                **({"study": study} if study else {})}
         store.write_meta(meta)
     per_chunk = meta["chunk_problems"]
     chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]

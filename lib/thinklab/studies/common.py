@@ -249,7 +249,7 @@ def condition_header(spec: RunSpec, knobs: Sequence[str]) -> str:
 
 
 def run_conditions(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None,
-                   knobs: Sequence[str] = (), **run_options) -> pl.DataFrame:
+                   knobs: Sequence[str] = (), study: str | None = None, **run_options) -> pl.DataFrame:
     """Run (or load) every spec and return one long sample table across them. Each condition's
     header names `knobs` (the study's own) and every other knob that varies between `specs`.
     The runs on one model are generated together (`runner.run_many`), so the batch stays full
@@ -261,7 +261,7 @@ def run_conditions(specs: Sequence[RunSpec], progress: bool = True, runs_root: P
         for i, spec in enumerate(specs):
             print(f"[thinklab] condition {i + 1}/{len(specs)}: {condition_header(spec, named)} "
                   f"({runner.run_dir(spec, runs_root)})")
-    frames = runner.run_many(specs, runs_root=runs_root, progress=progress, **run_options)
+    frames = runner.run_many(specs, runs_root=runs_root, progress=progress, study=study, **run_options)
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 

@@ -53,7 +53,7 @@ def conditions(params: Params) -> list[RunSpec]:
 def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None) -> pl.DataFrame:
     """The sample table of every condition (with the routing columns where traced) and its
     per-sample entropy statistics."""
-    return ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root, knobs=["moe_top_k"]))
+    return ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root, study=STUDY, knobs=["moe_top_k"]))
 
 
 # --------------------------------------------------------------------------- frames

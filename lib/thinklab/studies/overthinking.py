@@ -56,7 +56,7 @@ def conditions(params: Params) -> list[RunSpec]:
 
 def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None) -> pl.DataFrame:
     """The sample table of every condition, with per-sample entropy statistics added."""
-    return ana.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root,
+    return ana.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root, study=STUDY,
                                                       knobs=["thinking_budget"]))
 
 

@@ -79,7 +79,7 @@ def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str |
     """Check every format, then run (or load) every condition; one long sample table with
     per-sample entropy statistics and `format` (the method, or 'baseline')."""
     _check(specs)
-    return ana.with_format(ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root,
+    return ana.with_format(ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root, study=STUDY,
                                                                          knobs=["quantization"])))
 
 

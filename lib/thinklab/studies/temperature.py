@@ -49,7 +49,7 @@ def conditions(params: Params) -> list[RunSpec]:
 
 def run(specs: Sequence[RunSpec], progress: bool = True, runs_root: Path | str | None = None) -> pl.DataFrame:
     """The sample table of every condition, with per-sample entropy statistics added."""
-    return ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root))
+    return ot.with_trace_stats(common.run_conditions(specs, progress=progress, runs_root=runs_root, study=STUDY))
 
 
 # --------------------------------------------------------------------------- frames
