@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -30,31 +27,6 @@ RAY_MISSING = importlib.util.find_spec("ray") is None
 needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray is not installed (pip install 'thinklab[ray]')")
 KEYS = ["problem_id", "sample_idx"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A head and a second node on 127.0.0.1, one CPU each; yields the head's address."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    temp = Path(f"/tmp/ray_tp{os.getpid()}")  # Ray's socket paths must stay short
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
-    try:
-        for cmd in ([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard=false",
-                     "--temp-dir", str(temp), *common],
-                    [ray_bin, "start", "--address", f"127.0.0.1:{port}", *common]):
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-            if res.returncode != 0:
-                pytest.fail(f"{' '.join(cmd[1:3])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
