@@ -70,3 +70,20 @@ def ray_cluster():
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Temporary data and figures folders (inherited by notebook kernels and Ray actors); the
+    materialized models are shared read-only."""
+    from thinklab import models, paths
+
+    real_models = paths.models_dir()
+    data = tmp_path / "data"
+    data.mkdir()
+    if models.is_materialized("default"):
+        (data / "models").symlink_to(real_models, target_is_directory=True)
+    monkeypatch.setenv("THINKLAB_DATA", str(data))
+    monkeypatch.setenv("THINKLAB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import yaml
 
-from thinklab import batch, paths
+from thinklab import batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_PARAMETERS = '''task = "ok"  # "ok" draws a line; anything else raises (a comment with (parens) and "quotes")
@@ -30,22 +30,6 @@ if task != "ok":
 plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", formats=["html"],
              subdir=figure_subdir, log=figure_log or None)
 '''
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """Temporary data and figures folders; the materialized models are shared read-only."""
-    from thinklab import models
-
-    real_models = paths.models_dir()
-    data = tmp_path / "data"
-    data.mkdir()
-    if models.is_materialized("default"):
-        (data / "models").symlink_to(real_models, target_is_directory=True)
-    monkeypatch.setenv("THINKLAB_DATA", str(data))
-    monkeypatch.setenv("THINKLAB_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
 
 
 def _toy_notebook(folder: Path) -> Path:

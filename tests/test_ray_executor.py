@@ -77,21 +77,6 @@ def test_sweep_file_executor_keys_are_checked(tmp_path):
     assert batch.load_sweep(_sweep(tmp_path, base)).executor == "local"
 
 
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """Temporary data and figures folders; the materialized models are shared read-only."""
-    from thinklab import models, paths
-
-    real_models = paths.models_dir()
-    (tmp_path / "data").mkdir()
-    if models.is_materialized("default"):
-        (tmp_path / "data" / "models").symlink_to(real_models, target_is_directory=True)
-    monkeypatch.setenv("THINKLAB_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("THINKLAB_FIGURES", str(tmp_path / "figures"))
-    return tmp_path
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @needs_ray

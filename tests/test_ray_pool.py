@@ -28,20 +28,6 @@ needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray is not installed (pip in
 KEYS = ["problem_id", "sample_idx"]
 
 
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    """A temporary data folder sharing the materialized models (the actors inherit THINKLAB_DATA)."""
-    from thinklab import models, paths
-
-    real_models = paths.models_dir()
-    (tmp_path / "data").mkdir()
-    if models.is_materialized("default"):
-        (tmp_path / "data" / "models").symlink_to(real_models, target_is_directory=True)
-    monkeypatch.setenv("THINKLAB_DATA", str(tmp_path / "data"))
-    return tmp_path
-
-
 def _spec(seed: int, n_problems: int) -> RunSpec:
     return RunSpec(model=ModelSpec(name="default"), task="rg:basic_arithmetic", n_problems=n_problems,
                    sampling=SamplingSpec(temperature=1.0, n=2, max_tokens=24, seed=seed))
@@ -54,22 +40,22 @@ def _sorted(df):
 @pytest.mark.slow
 @pytest.mark.ray
 @needs_ray
-def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, data_dir):
+def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, isolated):
     import ray
 
     from thinklab import ray_pool
 
     spec = _spec(seed=1, n_problems=6)
-    df = ray_pool.run(spec, runs_root=data_dir / "ray", actors=2, address=ray_cluster, chunk_problems=1,
+    df = ray_pool.run(spec, runs_root=isolated / "ray", actors=2, address=ray_cluster, chunk_problems=1,
                       progress=False)
     assert not ray.is_initialized()  # it disconnects what it connected
-    local = runner.run(spec, runs_root=data_dir / "local", chunk_problems=1, progress=False)
+    local = runner.run(spec, runs_root=isolated / "local", chunk_problems=1, progress=False)
     assert df.height == local.height == 12
     assert _sorted(df).equals(_sorted(local))
 
-    store = RunStore(runner.run_dir(spec, data_dir / "ray"))
+    store = RunStore(runner.run_dir(spec, isolated / "ray"))
     meta = store.read_meta()
-    local_meta = RunStore(runner.run_dir(spec, data_dir / "local")).read_meta()
+    local_meta = RunStore(runner.run_dir(spec, isolated / "local")).read_meta()
     assert meta["status"] == "complete" and meta["chunk_problems"] == 1
     assert meta["resolved"] == local_meta["resolved"] and meta["run_id"] == local_meta["run_id"]
     parts = meta["ray"]["parts"]
@@ -80,7 +66,7 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, data
 
     # the local runner resumes a Ray run as its own: a removed part is regenerated, equal
     store.part_path(3).unlink()
-    again = runner.run(spec, runs_root=data_dir / "ray", chunk_problems=1, progress=False)
+    again = runner.run(spec, runs_root=isolated / "ray", chunk_problems=1, progress=False)
     assert _sorted(again).equals(_sorted(local))
 
     # and `thinklab generate --executor ray` resumes it on the cluster: only the missing chunk is served
@@ -88,7 +74,7 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, data
     res = subprocess.run([sys.executable, "-m", "thinklab.cli", "generate", "--model", "default",
                           "--task", "rg:basic_arithmetic", "--n-problems", "6", "--n-samples", "2",
                           "--max-tokens", "24", "--temperature", "1.0", "--seed", "1",
-                          "--runs-root", str(data_dir / "ray"), "--executor", "ray", "--actors", "2",
+                          "--runs-root", str(isolated / "ray"), "--executor", "ray", "--actors", "2",
                           "--address", ray_cluster, "--quiet"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -102,11 +88,11 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, data
 @pytest.mark.slow
 @pytest.mark.ray
 @needs_ray
-def test_an_actor_killed_mid_run_is_restarted_and_the_run_equals_an_uninterrupted_local_run(ray_cluster, data_dir):
+def test_an_actor_killed_mid_run_is_restarted_and_the_run_equals_an_uninterrupted_local_run(ray_cluster, isolated):
     from thinklab import ray_pool
 
     spec = _spec(seed=2, n_problems=8)
-    store = RunStore(runner.run_dir(spec, data_dir / "ray"))
+    store = RunStore(runner.run_dir(spec, isolated / "ray"))
     killed: dict = {}
     stop = threading.Event()
 
@@ -129,7 +115,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_the_run_equals_an_uninterrupte
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        df = ray_pool.run(spec, runs_root=data_dir / "ray", actors=2, address=ray_cluster, chunk_problems=1,
+        df = ray_pool.run(spec, runs_root=isolated / "ray", actors=2, address=ray_cluster, chunk_problems=1,
                           max_restarts=2, max_task_retries=2, progress=False)
     finally:
         stop.set()
@@ -144,7 +130,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_the_run_equals_an_uninterrupte
     assert writers - set(killed["pids"]), f"no part was written by a restarted actor: {meta['ray']['parts']}"
     assert not list(store.dir.glob(".*.tmp-*"))
 
-    local = runner.run(spec, runs_root=data_dir / "local", chunk_problems=1, progress=False)
+    local = runner.run(spec, runs_root=isolated / "local", chunk_problems=1, progress=False)
     assert df.height == local.height == 16
     assert _sorted(df).equals(_sorted(local))
 
