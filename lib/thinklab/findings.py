@@ -196,24 +196,37 @@ def _check_formats(plan: FindingsPlan) -> None:
         quantization.check(fmt, device)
 
 
-def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: bool = True) -> list[Path]:
-    """Run (or resume, or load) every run of the plan; return their directories."""
+def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: bool = True,
+             block: int | None = 20) -> list[Path]:
+    """Run (or resume, or load) every run of the plan; return their directories.
+
+    The sweep goes `block` problems at a time: every run generates its first block, then
+    every run its second, and so on, so that a sweep stopped (or reported on) before the end
+    holds the same problems under every condition, and its interim report compares them
+    paired. Within a block the runs on one model go to its backend together
+    (`runner.run_many`), so its batch stays full across them. `block=None`: run by run."""
     from thinklab import runner
 
     _check_formats(plan)
     specs = plan.specs()
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block={block!r} is not valid; give a positive number of problems, or None")
     if progress:
         print(f"[findings] {plan.summary()}; a killed sweep resumes where it stopped", file=sys.stderr)
     for i, spec in enumerate(specs):
         if progress:
             print(f"[findings] run {i + 1}/{len(specs)} {_run_id(spec)}: {_describe(spec)}", file=sys.stderr)
-    # The runs on one model go to its backend together (runner.run_many), so its batch stays
-    # full across them; the plan's order (base runs first) is the order their samples start.
     by_model: dict = {}
     for spec in specs:
-        by_model.setdefault(spec.model, []).append(spec)
-    for group in by_model.values():
-        runner.run_many(group, runs_root=runs_root, progress=progress, study="findings")
+        by_model.setdefault(dataclasses.replace(spec.model, moe_top_k=None), []).append(spec)
+    largest = max(s.n_problems for s in specs)
+    ends = [largest] if block is None else list(range(block, largest, block)) + [largest]
+    for end in ends:
+        if progress and block is not None:
+            print(f"[findings] problems up to {end} of {largest}", file=sys.stderr)
+        for group in by_model.values():
+            runner.run_many(group, runs_root=runs_root, progress=progress, study="findings", order="problems",
+                            upto=end)
     return [runner.run_dir(spec, runs_root) for spec in specs]
 
 
