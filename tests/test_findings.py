@@ -242,3 +242,58 @@ def test_cli_writes_the_report(tmp_path, capsys):
                      "--out", str(tmp_path / "bad.md")])
     assert code == 2 and "temperature_samples=1" in capsys.readouterr().err
     assert not (tmp_path / "bad.md").exists()
+
+
+def _write_partial(spec, frame, root, problems):
+    """A run under way: its run.json says running and its one part holds `problems` only."""
+    store = RunStore(runner.run_dir(spec, root))
+    store.write_meta({"run_id": runner.run_id(spec), "spec": spec.to_dict(), "status": "running",
+                      "git_commit": "0123abc"})
+    part = frame.filter(frame["problem_id"].is_in([f"{spec.task}/{p}" for p in problems]))
+    store.write_part(0, part.with_columns(run_id=part["run_id"].str.replace(".*", runner.run_id(spec))))
+
+
+def test_interim_report_pairs_the_problems_all_runs_hold(tmp_path):
+    plan = PRESETS["smoke"].replace(n_problems=12)
+    task = plan.tasks[0]
+    four_bit = plan.quantization_runs(task)[plan.four_bit_format]
+    budget = plan.budget_runs(task)[plan.budgets[0]]
+    _fill_store(plan, tmp_path / "runs", skip={runner.run_id(four_bit), runner.run_id(budget)})
+    rng = np.random.default_rng(1)
+    for spec, held in ((four_bit, list(range(7))), (budget, list(range(3, 12)))):
+        frame = T.random_table(list(range(12)), spec.sampling.n, rng, task=spec.task, model=spec.model.name,
+                               temperature=spec.sampling.temperature, quantization=spec.model.quantization,
+                               thinking_budget=spec.budget.thinking_budget)
+        _write_partial(spec, frame, tmp_path / "runs", held)
+    findings, _ = compute(plan, tmp_path / "runs", n_boot=100)
+    # (e): the 4-bit run holds problems 0-6, so the paired comparison uses those 7 only
+    assert findings["e"].primary.n_problems == 7
+    assert any("interim" in n and "7 of 12" in n for n in findings["e"].notes)
+    # (g): the first budget holds 3-11: 9 in common with the other (complete) budget runs
+    assert findings["g"].primary.n_problems == 9
+    assert any("9 of 12" in n for n in findings["g"].notes)
+    # findings whose runs are all complete are not marked interim
+    assert findings["a"].primary.n_problems == 12 and not any("interim" in n for n in findings["a"].notes)
+
+    text = write_report(plan, tmp_path / "runs", tmp_path / "F.md", tmp_path / "figs", n_boot=100).read_text()
+    assert "Interim report: the sweep is not finished" in text
+    n_runs = len(plan.specs())
+    assert f"{n_runs - 2} of {n_runs} complete, 2 under way" in text
+    assert "incomplete (7 of 12 problems written)" in text
+
+
+def test_sweep_wall_time_counts_each_sitting_to_its_last_part(tmp_path):
+    import json
+    import os
+
+    from thinklab.findings import SITTINGS, sweep_seconds
+
+    parts = []
+    for i, when in enumerate((1000, 1400, 5000, 5300, 5350)):  # two sittings: at 900 and at 4900
+        path = tmp_path / f"part-{i:05d}.parquet"
+        path.write_bytes(b"")
+        os.utime(path, (when, when))
+        parts.append(path)
+    (tmp_path / SITTINGS).write_text("".join(json.dumps({"started": t}) + "\n" for t in (900, 4900)))
+    assert sweep_seconds(tmp_path, parts) == (pytest.approx(500 + 450), 2)
+    assert sweep_seconds(tmp_path / "none", parts) == (0.0, 0)

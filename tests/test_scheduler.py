@@ -175,6 +175,33 @@ def test_runs_of_a_study_served_together_equal_each_run_alone(fast_backend, tmp_
     assert meta["backend"]["max_batch_size"] == fast_backend.max_batch_size and meta["backend"]["batch_size_rule"]
 
 
+@pytest.mark.slow
+def test_runs_generated_block_by_block_problem_major_equal_whole_runs(fast_backend, tmp_path):
+    # the findings sweep's way: problems 0-1 of both runs, then the rest, served problem by problem
+    base = RunSpec(model=ModelSpec(name="default"), task="rg:basic_arithmetic", n_problems=4,
+                   sampling=SamplingSpec(temperature=1.0, n=2, max_tokens=16, seed=3))
+    specs = [base, base.replace(**{"sampling.temperature": 0.6})]
+    root = tmp_path / "blocks"
+    first = runner.run_many(specs, runs_root=root, backend=fast_backend, progress=False, order="problems",
+                            upto=2, chunk_problems=1)
+    for spec, df in zip(specs, first):
+        assert df["problem_id"].n_unique() == 2 and df.height == 4
+        assert RunStore(runner.run_dir(spec, root)).read_meta()["status"] != "complete"
+    again = runner.run_many(specs, runs_root=root, backend=fast_backend, progress=False, order="problems",
+                            upto=2, chunk_problems=1)
+    assert all(a.equals(b) for a, b in zip(first, again))  # that block is done: nothing new
+    rest = runner.run_many(specs, runs_root=root, backend=fast_backend, progress=False, order="problems",
+                           chunk_problems=1)
+    whole = runner.run_many(specs, runs_root=tmp_path / "whole", backend=fast_backend, progress=False,
+                            chunk_problems=1)
+    for spec, a, b in zip(specs, rest, whole):
+        assert a.height == b.height == 8 and a["problem_id"].n_unique() == 4
+        assert a.sort("problem_id", "sample_idx").equals(b.sort("problem_id", "sample_idx"))
+        assert RunStore(runner.run_dir(spec, root)).read_meta()["status"] == "complete"
+    with pytest.raises(ValueError, match="order='sideways' is not valid"):
+        runner.run_many(specs, runs_root=root, backend=fast_backend, progress=False, order="sideways")
+
+
 # ------------------------------------------------------------------ a tiny random llama: the cache's bookkeeping
 
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,7 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     by_model: dict = {}
     for spec in specs:
         by_model.setdefault(dataclasses.replace(spec.model, moe_top_k=None), []).append(spec)
+    _log_sitting(Path(runs_root) if runs_root else paths.runs_dir())
     largest = max(s.n_problems for s in specs)
     ends = [largest] if block is None else list(range(block, largest, block)) + [largest]
     for end in ends:
@@ -230,6 +232,35 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     return [runner.run_dir(spec, runs_root) for spec in specs]
 
 
+SITTINGS = "findings-sittings.jsonl"
+
+
+def _log_sitting(root: Path) -> None:
+    """Note when this sitting of the sweep started; the report's wall time is, per sitting,
+    from its start to the last part written before the next sitting (a killed sitting
+    writes no end)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / SITTINGS, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n")
+
+
+def sweep_seconds(root: Path, parts: list[Path]) -> tuple[float, int]:
+    """(seconds, sittings): the sweep's generation wall time from its sittings' starts and its
+    parts' write times. Time a sitting spent paused counts."""
+    try:
+        starts = sorted(json.loads(line)["started"] for line in (root / SITTINGS).read_text().splitlines()
+                        if line.strip())
+    except (OSError, ValueError, KeyError):
+        return 0.0, 0
+    written = sorted(p.stat().st_mtime for p in parts if p.is_file())
+    total = 0.0
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else math.inf
+        inside = [t for t in written if start <= t < end]
+        total += (inside[-1] - start) if inside else 0.0
+    return total, len(starts)
+
+
 # --------------------------------------------------------------------------- reading the store
 
 
@@ -238,12 +269,13 @@ class StoredRun:
     spec: RunSpec
     directory: Path
     meta: dict | None
-    frame: pl.DataFrame | None  # None unless complete
-    problem: str = ""  # why it cannot be used
+    frame: pl.DataFrame | None  # the rows of its written parts; None if it has none
+    problem: str = ""  # why it cannot be used, or why it is interim
+    complete: bool = False
 
     @property
     def usable(self) -> bool:
-        return self.frame is not None
+        return self.frame is not None and self.frame.height > 0
 
 
 class Store:
@@ -274,19 +306,36 @@ class Store:
                 pass
             elif run.meta.get("run_id") != key:
                 run.problem = f"its run.json names another run ({run.meta.get('run_id')})"
-            elif run.meta.get("status") != "complete":
-                run.problem = f"incomplete ({len(store.done_chunks())} parts written)"
             else:
                 run.frame = store.load()
+                run.complete = run.meta.get("status") == "complete"
+                if not run.complete:
+                    have = run.frame["problem_id"].n_unique() if run.frame.height else 0
+                    run.problem = f"incomplete ({have} of {spec.n_problems} problems written)"
         self.runs[key] = run
         return run
 
-    def frames(self, specs: dict, label: str) -> tuple[dict, list[str]]:
-        """The frames of `specs` (knob -> spec) if all are usable, else ({}, what is missing)."""
+    def frames(self, specs: dict, label: str) -> tuple[dict, list[str], str]:
+        """The frames of `specs` (knob -> spec) if all have rows, else ({}, what is missing, "").
+
+        While a sweep is under way its runs hold only their first problems: every frame is
+        then cut to the problems that all of them hold, so that paired comparisons stay
+        paired, and the third value says so ("" when every run is complete)."""
         runs = {knob: self.get(spec) for knob, spec in specs.items()}
         missing = [f"{label}, {_describe(r.spec)}: {r.problem} ({_run_id(r.spec)})"
                    for r in runs.values() if not r.usable]
-        return ({} if missing else {knob: r.frame for knob, r in runs.items()}), missing
+        if missing:
+            return {}, missing, ""
+        frames = {knob: r.frame for knob, r in runs.items()}
+        if all(r.complete for r in runs.values()):
+            return frames, [], ""
+        common = set.intersection(*(set(f["problem_id"].to_list()) for f in frames.values()))
+        if not common:
+            return {}, [f"{label}: its runs hold no problem in common yet"], ""
+        frames = {knob: f.filter(pl.col("problem_id").is_in(sorted(common))) for knob, f in frames.items()}
+        total = max(r.spec.n_problems for r in runs.values())
+        return frames, [], (f"interim: {label} uses the {len(common)} of {total} problems that all its runs "
+                            "hold so far (the sweep is not finished)")
 
 
 def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
@@ -301,13 +350,17 @@ def compute(plan: FindingsPlan, runs_root: Path | str | None = None, *, n_boot: 
     store = Store(runs_root)
     results: dict[str, F.Finding] = {}
 
+    interim: dict[int, list[str]] = {}
+
     def per_task(tasks, runs_of, label):
-        found, missing = {}, []
+        found, missing, notes = {}, [], []
         for task in tasks:
-            frames, gaps = store.frames(runs_of(task), f"{label} for {task}")
+            frames, gaps, note = store.frames(runs_of(task), f"{label} for {task}")
             missing += gaps
             if frames:
                 found[task] = frames
+                notes += [note] if note else []
+        interim[id(found)] = notes
         return found, missing
 
     def finish(key, found, missing, build):
@@ -315,6 +368,7 @@ def compute(plan: FindingsPlan, runs_root: Path | str | None = None, *, n_boot: 
             results[key] = F.no_data(key, missing)
             return
         results[key] = build(found)
+        results[key].notes += interim.get(id(found), [])
         results[key].notes += [f"missing run, its task left out: {m}" for m in missing]
 
     base, missing = per_task(plan.tasks, lambda t: {None: plan.base(t)}, "base run")
@@ -490,7 +544,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
            figure_status: str, out: Path, command: str) -> str:
     """FINDINGS.md as text."""
     used = [r for r in store.runs.values() if r.usable]
-    seconds = sum(float((r.meta or {}).get("generate_seconds") or 0) for r in used)
+    interim = [r for r in used if not r.complete]
+    seconds, sittings = sweep_seconds(store.root, [p for r in used for p in r.directory.glob("part-*.parquet")])
     commits = sorted({str((r.meta or {}).get("git_commit")) for r in used if (r.meta or {}).get("git_commit")})
     frames = [r.frame for r in used]
     n_samples = sum(f.height for f in frames)
@@ -502,6 +557,10 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         f"Generated by `{command}` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from the stored runs; "
         "do not edit by hand: rerun the command to regenerate it.",
         "",
+        *([f"> **Interim report: the sweep is not finished.** {len(interim)} of its runs hold only their first "
+           "problems; each comparison below uses the problems that all of its runs hold (the notes under each "
+           "finding say how many), so intervals are wider than the full sweep's will be. Continue the sweep with "
+           "`thinklab findings --generate` (it resumes) and regenerate this report.", ""] if interim else []),
         f"- **Model**: `{plan.model}` for (a)-(e) and (g); for (f) {_model_description(plan.moe_model)}"
         + (": not a trained MoE and no compute saved; it measures what accuracy costs when each token keeps only "
            "k of the dense model's neuron groups." if plan.moe_model in OFFLINE else "."),
@@ -512,12 +571,17 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         f"budget, quantization and MoE runs; max_tokens {plan.max_tokens}; thinking budgets "
         f"{', '.join(_budget(b) for b in plan.budgets)}; formats {plan.int8_format}, {plan.four_bit_format}; "
         f"top-k {', '.join(map(str, sorted(set(plan.top_k_values))))}; backend {plan.backend}; seed {plan.seed}.",
-        f"- **Runs**: {len(used)} of {len(store.runs)} complete, {n_samples} samples, "
+        f"- **Runs**: {len(used) - len(interim)} of {len(store.runs)} complete"
+        + (f", {len(interim)} under way" if interim else "") + f", {n_samples} samples, "
         f"{_share(truncated)} cut off at max_tokens.",
         *(["- **More than 10% of the samples were cut off at max_tokens**: their lengths and answers are "
             "censored; raise --max-tokens."] if truncated is not None and truncated >= 0.10 else []),
-        f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json; a run resumed across sittings "
-        f"counts its last sitting): {_duration(seconds)}.",
+        f"- **Wall time of the sweep**: {_duration(seconds)} of generation over {sittings} sitting(s) (per "
+        f"sitting, from `thinklab findings --generate` starting to its last part written; runs that share a "
+        f"model are generated together, so their times overlap)."
+        if sittings else
+        f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json; runs generated together "
+        f"overlap): {_duration(sum(float((r.meta or {}).get('generate_seconds') or 0) for r in used))}.",
         f"- **Commit** that generated the runs: {', '.join(f'`{c}`' for c in commits) or '-'}; "
         f"of this report: `{_report_commit()}`.",
         "- **Intervals**: 95% percentile bootstrap over problems, paired where the comparison is paired (where the "
@@ -574,7 +638,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
             _share(float((frame["finish_reason"] == "length").mean())) if frame is not None and frame.height else "-",
             meta.get("generate_seconds", "-"), (meta.get("backend") or {}).get("forward", "-"),
             meta.get("git_commit", "-"),
-            "complete" if r.usable else r.problem)) + " |")
+            "complete" if r.complete else r.problem)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -305,6 +305,8 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool, order: st
     t_start = time.time()
 
     def finalize(r: _Run) -> None:
+        if len(r.store.done_chunks()) < len(r.chunks):
+            return  # only a block of its problems was asked for (run_many's upto)
         r.store.update_meta(finished=now_iso(), status="complete",
                             generate_seconds=round(time.time() - (r.first_token or t_start), 2))
 
