@@ -30,9 +30,10 @@ def _compare_with_transformers(model, lengths, steps=6, native=True):
     from transformers import DynamicCache
 
     if native:
-        _native_or_skip()
+        _attention_or_skip()
     lean = LeanDecoder(model, native=native)
-    assert (lean.native is not None) == native
+    assert lean.native_attention == native  # the native decode attention: AVX-512F or AVX2
+    assert (lean.native is not None) == (native and _cpu_has_avx512f())  # the GEMMs: AVX-512F only
     ids, att = _padded_batch(lengths, model.config.vocab_size)
     pos = (att.cumsum(-1) - 1).clamp_min(0)
     worst, scale = 0.0, 0.0
@@ -61,9 +62,10 @@ def _compare_with_transformers(model, lengths, steps=6, native=True):
 def test_lean_matches_transformers_on_the_embedded_model(fast_backend):
     assert fast_backend.forward.layout == "rows", "the embedded llama-architecture model should take the lean path"
     assert fast_backend.info.extra["forward"].startswith("lean")
-    # the path this machine runs: native kernels where the CPU has AVX-512F, oneDNN and SDPA elsewhere
+    # the path this machine runs: native kernels where the CPU has AVX-512F; oneDNN GEMMs and the
+    # native attention's AVX2 variant on AVX2 CPUs
     worst, scale = _compare_with_transformers(fast_backend.model, [7, 19, 3, 19],
-                                              native=fast_backend.forward.decoder.native is not None)
+                                              native=fast_backend.forward.decoder.native_attention)
     assert worst < 1e-3 * scale, f"max |lean - transformers| = {worst} (logits up to {scale})"
 
 
@@ -84,6 +86,23 @@ def _native_or_skip():
     return ops
 
 
+def _cpu_has_avx2_fma() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return "avx2" in flags and "fma" in flags
+
+
+def _attention_or_skip():
+    """The native decode attention; skips where this CPU cannot run it (it needs AVX-512F,
+    or AVX2 and FMA)."""
+    from thinklab.backends.lean import attention_ops
+
+    ops = attention_ops()
+    if ops is None and not (_cpu_has_avx512f() or _cpu_has_avx2_fma()):
+        pytest.skip("the native decode attention needs AVX-512F or AVX2 with FMA, which this CPU lacks")
+    assert ops is not None, "the native decode attention did not load on a CPU that can run it"
+    return ops
+
+
 def test_native_kernels_build_here():
     """The C++ kernels must build on the machines we test on, and be used wherever the CPU can
     run them: a silent fallback would hide either."""
@@ -92,6 +111,10 @@ def test_native_kernels_build_here():
     ext = build_native()
     assert ext.cpu_supported() == _cpu_has_avx512f() or not Path("/proc/cpuinfo").exists()
     assert (native_ops() is not None) == ext.cpu_supported()
+    from thinklab.backends.lean import attention_ops
+
+    assert ext.attention_supported() == (_cpu_has_avx512f() or _cpu_has_avx2_fma()) or not Path("/proc/cpuinfo").exists()
+    assert (attention_ops() is not None) == ext.attention_supported()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")

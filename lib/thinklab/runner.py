@@ -134,8 +134,12 @@ def check_resume(stored: dict | None, loaded: dict, where: Path) -> None:
     diffs = [f"{key}: stored {stored.get(key)!r}, loaded now {loaded.get(key)!r}"
              for key in sorted(set(stored) | set(loaded)) if stored.get(key) != loaded.get(key)]
     if diffs:
+        hint = ""
+        if stored.get("forward") == "lean-onednn" and str(loaded.get("forward", "")).startswith("lean-"):
+            hint = " (THINKLAB_NATIVE=0 runs the lean-onednn forward on any CPU)"
         raise RunMismatch(f"{where} was generated under a different setup than the backend loaded now ("
-                          f"{'; '.join(diffs)}); resume it where those match, or remove it to regenerate it whole")
+                          f"{'; '.join(diffs)}); resume it where those match{hint}, or remove it to regenerate "
+                          "it whole")
 
 
 def _versions() -> dict:

@@ -54,7 +54,8 @@ class LeanForward(Forward):
     def __init__(self, decoder: lean.LeanDecoder):
         self.decoder = decoder
         if decoder.native is None:
-            self.name = "lean-onednn"
+            # oneDNN GEMMs; decode attention native (AVX2 variant) or torch's
+            self.name = "lean-onednn-native-attention" if decoder.native_attention else "lean-onednn"
         else:
             self.name = "lean-native" if decoder.native_attention else "lean-native-sdpa"
 

@@ -50,13 +50,15 @@ ATTENTION_CHUNK = 128  # columns per chunk of the torch path's row-wise decode a
 NATIVE_DIR = Path(__file__).parent / "native"
 NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp", NATIVE_DIR / "sampling.cpp"]
 _native = None  # the loaded extension, or False once it proved unavailable
+_warned_gemm = False
 
 
 def build_native():
     """Build (once; then cached by torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR) and
     load the native kernels (native/*.cpp: decode attention, packed GEMMs, the fused token
     choice and trace of hf.py). Raises if they cannot be built. They compile on any x86-64
-    machine with a C++ compiler but run only where `cpu_supported()` (AVX-512F).
+    machine with a C++ compiler; the GEMM and sampling kernels run only where `cpu_supported()`
+    (AVX-512F), decode attention also where `attention_supported()` (AVX2 and FMA).
 
     They are compiled with OpenMP so that ATen's `parallel_for` in them runs on torch's own
     OpenMP pool (the process loads one libgomp: torch's); without it `parallel_for` is
@@ -70,28 +72,51 @@ def build_native():
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
-def native_ops():
-    """The native kernels, or None where they cannot be built or run (no compiler, a CPU
-    without AVX-512F, THINKLAB_NATIVE=0); then the lean forward uses oneDNN, SDPA and
-    F.rms_norm, sampling runs as torch operations, and a warning says why."""
+def _extension():
+    """The built native extension, or None where it cannot be built or used here (no
+    compiler, THINKLAB_NATIVE=0, a CPU with neither AVX-512F nor AVX2 and FMA); the first
+    failure is warned about once."""
     global _native
     if _native is None:
         if os.environ.get("THINKLAB_NATIVE", "1") == "0":
             _native = False
         else:
             try:
-                if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-                    # checked before building: the kernels cannot run here, so a minute of compiling would be lost
-                    raise RuntimeError(f"this CPU lacks AVX-512F, which the kernels are written for (torch reports "
-                                       f"{torch.backends.cpu.get_cpu_capability()})")
+                capability = torch.backends.cpu.get_cpu_capability()
+                if "AVX512" not in capability and "AVX2" not in capability:
+                    # checked before building: nothing could run here, so a minute of compiling would be lost
+                    raise RuntimeError(f"this CPU has neither AVX-512F nor AVX2 (torch reports {capability})")
                 _native = build_native()
-                if not _native.cpu_supported():
-                    raise RuntimeError("this CPU lacks AVX-512F, which the kernels are written for")
+                if not _native.attention_supported():
+                    raise RuntimeError("this CPU has neither AVX-512F nor AVX2 with FMA")
             except Exception as exc:  # no compiler or headers, or an older CPU: the torch path still works
                 warnings.warn(f"thinklab: native CPU kernels unavailable, using oneDNN and SDPA ({exc})",
-                              stacklevel=2)
+                              stacklevel=3)
                 _native = False
     return _native or None
+
+
+def native_ops():
+    """All the native kernels (GEMMs, token choice, decode attention), or None where they
+    cannot all run: besides `_extension`'s reasons, a CPU without AVX-512F. Then the lean
+    forward uses oneDNN and F.rms_norm and sampling runs as torch operations (and a warning
+    says why); its decode attention may still be native (`attention_ops`)."""
+    ext = _extension()
+    if ext is not None and not ext.cpu_supported():
+        global _warned_gemm
+        if not _warned_gemm:
+            warnings.warn("thinklab: the native GEMM and sampling kernels need AVX-512F, which this CPU lacks "
+                          f"(torch reports {torch.backends.cpu.get_cpu_capability()}); using oneDNN for those, "
+                          "the native decode attention (AVX2) for attention", stacklevel=2)
+            _warned_gemm = True
+        return None
+    return ext
+
+
+def attention_ops():
+    """The native decode attention (AVX-512F, or its AVX2 variant), or None (then SDPA and
+    torch operations); see `_extension`."""
+    return _extension()
 
 
 def _pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
@@ -359,8 +384,10 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
         self.native = gemm = native_ops() if native else None
-        # the native attention kernel works in 16-feature vectors of each head
-        self.native_attention = self.native is not None and self.head_dim % 16 == 0
+        # the native attention kernel works in 16-feature vectors of each head; on AVX2 CPUs
+        # it runs without the other native kernels
+        self.attention = attention_ops() if native and self.head_dim % 16 == 0 else None
+        self.native_attention = self.attention is not None
         self.lm_head = Projection(model.lm_head.weight, _bias(model.lm_head), gemm, batch_hint,
                                   RMSNorm(inner.norm.weight, self.eps))
         self.layers: list[_Layer] = []
@@ -445,7 +472,7 @@ class LeanDecoder:
             qkv = L.qkv(x)  # (b, 1, (nh + 2 nkv) hd)
             kc, vc = cache.k[i], cache.v[i]
             if self.native_attention:
-                out = self.native.decode_attention(qkv.view(b, -1), cos1, sin1, kc, vc, keep1, 0, nh, nkv,
+                out = self.attention.decode_attention(qkv.view(b, -1), cos1, sin1, kc, vc, keep1, 0, nh, nkv,
                                                    self.scale, columns)
             else:
                 qk = qkv[..., : (nh + nkv) * hd].reshape(b, 1, nh + nkv, hd // 2, 2)
@@ -489,7 +516,7 @@ class LeanDecoder:
             eye = torch.zeros(T, n, dtype=torch.bool, device=x.device)
             eye[torch.arange(T), n0 + torch.arange(T)] = True
             keep = (keep & causal) | eye
-        native = self.native if T == 1 and self.native_attention else None
+        native = self.attention if T == 1 and self.native_attention else None
         if native is not None:
             cos1, sin1 = cos[:, 0, :half].contiguous(), sin[:, 0, :half].contiguous()
             keep1 = keep.view(b, n).contiguous()

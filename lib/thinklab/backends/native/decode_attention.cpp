@@ -14,8 +14,10 @@
 // capacity / 16, head dim, 16). The scores of a block's 16 keys are then one AVX-512 vector
 // accumulated over the head dimension (no horizontal sums), and a head's keys are still
 // one contiguous stream for the hardware prefetcher. Values stay (b, kv heads, capacity,
-// head dim); the weighted sum keeps its outputs in registers across keys. Like the other
-// native kernels it needs AVX-512F.
+// head dim); the weighted sum keeps its outputs in registers across keys. It runs on
+// AVX-512F, or, where a CPU has only AVX2 and FMA, in an AVX2 variant of the same steps
+// (two 8-float vectors per block, fewer queries per pass); the other native kernels need
+// AVX-512F.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -85,8 +87,60 @@ constexpr ScoreFn SCORE[MAX_GROUP + 1] = {nullptr,        score_block<1>, score_
 constexpr ValueFn VALUE4[5] = {nullptr, value_block<1, 4>, value_block<2, 4>, value_block<3, 4>, value_block<4, 4>};
 constexpr ValueFn VALUE1[5] = {nullptr, value_block<1, 1>, value_block<2, 1>, value_block<3, 1>, value_block<4, 1>};
 
-// Softmax of each query's scores over n keys, masked keys (keep false) weighted 0.
-__attribute__((target("avx512f"))) void softmax_rows(float* s, int64_t ld, int64_t rows, int64_t n, const bool* keep) {
+// The AVX2 variants. A block's 16 scores are two 8-float vectors, computed whole: the
+// positions past n in the last block read finite stale or zero keys and are never used.
+template <int G>
+__attribute__((target("avx2,fma"))) void score_block_avx2(const float* q, int64_t hd, const float* kb, __mmask16,
+                                                          float* scores, int64_t ld, const float* nk) {
+  __m256 acc[G][2];
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    if (nk) _mm_prefetch(reinterpret_cast<const char*>(nk + d * 16), _MM_HINT_T0);
+    const __m256 k0 = _mm256_loadu_ps(kb + d * 16), k1 = _mm256_loadu_ps(kb + d * 16 + 8);
+    for (int g = 0; g < G; ++g) {
+      const __m256 w = _mm256_set1_ps(q[g * hd + d]);
+      acc[g][0] = _mm256_fmadd_ps(w, k0, acc[g][0]);
+      acc[g][1] = _mm256_fmadd_ps(w, k1, acc[g][1]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    _mm256_storeu_ps(scores + g * ld, acc[g][0]);
+    _mm256_storeu_ps(scores + g * ld + 8, acc[g][1]);
+  }
+}
+
+// out[g][c : c + 8 NV] = sum_j p[g][j] value_j[c : c + 8 NV] for the G queries.
+template <int G, int NV>
+__attribute__((target("avx2,fma"))) void value_block_avx2(const float* p, int64_t ld, const float* v, int64_t hd,
+                                                          int64_t n, int64_t c, float* out, const float* nv) {
+  __m256 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < NV; ++u) acc[g][u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    if (nv) _mm_prefetch(reinterpret_cast<const char*>(nv + j * hd + c), _MM_HINT_T0);
+    __m256 x[NV];
+    for (int u = 0; u < NV; ++u) x[u] = _mm256_loadu_ps(v + j * hd + c + 8 * u);
+    for (int g = 0; g < G; ++g) {
+      const __m256 w = _mm256_set1_ps(p[g * ld + j]);
+      for (int u = 0; u < NV; ++u) acc[g][u] = _mm256_fmadd_ps(w, x[u], acc[g][u]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + g * hd + c + 8 * u, acc[g][u]);
+}
+
+// 16 ymm registers: scores take 4 queries at a time (8 accumulators), values 4 queries x
+// 16 output features.
+constexpr int MAX_GROUP_AVX2 = 4;
+constexpr ScoreFn SCORE_AVX2[MAX_GROUP_AVX2 + 1] = {nullptr, score_block_avx2<1>, score_block_avx2<2>,
+                                                    score_block_avx2<3>, score_block_avx2<4>};
+constexpr ValueFn VALUE_AVX2[5] = {nullptr, value_block_avx2<1, 2>, value_block_avx2<2, 2>, value_block_avx2<3, 2>,
+                                   value_block_avx2<4, 2>};
+
+// Softmax of each query's scores over n keys, masked keys (keep false) weighted 0; the
+// body is compiled once per instruction set through the two wrappers below.
+static inline __attribute__((always_inline)) void softmax_body(float* s, int64_t ld, int64_t rows, int64_t n,
+                                                               const bool* keep) {
   for (int64_t g = 0; g < rows; ++g) {
     float* r = s + g * ld;
 #pragma omp simd
@@ -106,6 +160,30 @@ __attribute__((target("avx512f"))) void softmax_rows(float* s, int64_t ld, int64
   }
 }
 
+__attribute__((target("avx512f"))) void softmax_rows(float* s, int64_t ld, int64_t rows, int64_t n, const bool* keep) {
+  softmax_body(s, ld, rows, n, keep);
+}
+
+__attribute__((target("avx2,fma"))) void softmax_rows_avx2(float* s, int64_t ld, int64_t rows, int64_t n,
+                                                           const bool* keep) {
+  softmax_body(s, ld, rows, n, keep);
+}
+
+using SoftmaxFn = void (*)(float*, int64_t, int64_t, int64_t, const bool*);
+
+// The kernels of one instruction set.
+struct Isa {
+  const ScoreFn* score;
+  int max_group;  // queries per score pass
+  const ValueFn* value_wide;  // 4 queries per pass, `wide` output features at a time
+  const ValueFn* value_narrow;  // where the head dimension is not a multiple of `wide`
+  int64_t wide, narrow;
+  SoftmaxFn softmax;
+};
+
+const Isa AVX512{SCORE, MAX_GROUP, VALUE4, VALUE1, 64, 16, softmax_rows};
+const Isa AVX2{SCORE_AVX2, MAX_GROUP_AVX2, VALUE_AVX2, VALUE_AVX2, 16, 16, softmax_rows_avx2};
+
 struct Unit {
   const float* row;  // this batch row of qkv
   const float* cs;
@@ -120,9 +198,8 @@ struct Unit {
 
 // One (row, kv head): rotate and store the new key and value, then attend the group's
 // queries. q and scores are scratch of group * hd and group * ld floats.
-__attribute__((target("avx512f"))) void attend_unit(const Unit& U, int64_t h, int64_t n0, int64_t nh,
-                                                    int64_t nkv, int64_t hd, int64_t group, float scale, float* q,
-                                                    float* scores, int64_t ld) {
+void attend_unit(const Isa& isa, const Unit& U, int64_t h, int64_t n0, int64_t nh, int64_t nkv, int64_t hd,
+                 int64_t group, float scale, float* q, float* scores, int64_t ld) {
   const int64_t n = n0 + 1, half = hd / 2;
   float* knew = q;  // the new key, rotated in the scratch first
   std::copy(U.row + (nh + h) * hd, U.row + (nh + h + 1) * hd, knew);
@@ -136,24 +213,31 @@ __attribute__((target("avx512f"))) void attend_unit(const Unit& U, int64_t h, in
     rope_pairs(qg, U.cs, U.sn, half);
     for (int64_t d = 0; d < hd; ++d) qg[d] *= scale;
   }
-  for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
-    const int64_t gn = std::min<int64_t>(MAX_GROUP, group - g0);
+  for (int64_t g0 = 0; g0 < group; g0 += isa.max_group) {
+    const int64_t gn = std::min<int64_t>(isa.max_group, group - g0);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const __mmask16 mask = n - j0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j0)) - 1);
       const int64_t blk = (j0 / 16) * hd * 16;
-      SCORE[gn](q + g0 * hd, hd, U.kb + blk, mask, scores + g0 * ld + j0, ld, g0 == 0 && U.nk ? U.nk + blk : nullptr);
+      isa.score[gn](q + g0 * hd, hd, U.kb + blk, mask, scores + g0 * ld + j0, ld,
+                    g0 == 0 && U.nk ? U.nk + blk : nullptr);
     }
   }
-  softmax_rows(scores, ld, group, n, U.keep);
+  isa.softmax(scores, ld, group, n, U.keep);
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
     const int64_t gn = std::min<int64_t>(4, group - g0);
-    const bool wide = hd % 64 == 0;  // 64 output features at a time, else 16
-    for (int64_t c = 0; c < hd; c += wide ? 64 : 16)
-      (wide ? VALUE4 : VALUE1)[gn](scores + g0 * ld, ld, U.v, hd, n, c, U.out + g0 * hd, g0 == 0 ? U.nv : nullptr);
+    const bool wide = hd % isa.wide == 0;
+    const int64_t step = wide ? isa.wide : isa.narrow;
+    for (int64_t c = 0; c < hd; c += step)
+      (wide ? isa.value_wide : isa.value_narrow)[gn](scores + g0 * ld, ld, U.v, hd, n, c, U.out + g0 * hd,
+                                                     g0 == 0 ? U.nv : nullptr);
   }
 }
 
 }  // namespace
+
+bool attention_supported() {
+  return __builtin_cpu_supports("avx512f") || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+}
 
 // One decode step of attention for one layer, every row and kv head.
 // qkv: (b, (nh + 2 nkv) hd), q/k features pairwise interleaved; cos, sin: (b, hd/2);
@@ -166,7 +250,8 @@ __attribute__((target("avx512f"))) void attend_unit(const Unit& U, int64_t h, in
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kb,
                                torch::Tensor vc, torch::Tensor keep, int64_t n0, int64_t nh, int64_t nkv,
                                double scale, c10::optional<torch::Tensor> columns) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "decode_attention needs AVX-512F");
+  TORCH_CHECK(attention_supported(), "decode_attention needs AVX-512F, or AVX2 and FMA");
+  const Isa& isa = __builtin_cpu_supports("avx512f") ? AVX512 : AVX2;
   const int64_t b = qkv.size(0), hd = vc.size(3), cap = vc.size(2), half = hd / 2;
   torch::Tensor cols;
   if (columns && columns->defined()) {
@@ -205,7 +290,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
       const Unit U{qkv_p + r * width, cos_p + r * half, sin_p + r * half, kb_p + u * unit, vc_p + u * unit,
                    keep_p + r * keep_stride, out_p + r * nh * hd + h * group * hd,
                    more ? kb_p + (u + 1) * unit : nullptr, more ? vc_p + (u + 1) * unit : nullptr};
-      attend_unit(U, h, col_p ? col_p[r] : n0, nh, nkv, hd, group, sc, q.data(), scores.data(), ld);
+      attend_unit(isa, U, h, col_p ? col_p[r] : n0, nh, nkv, hd, group, sc, q.data(), scores.data(), ld);
     }
   });
   return out;
@@ -228,7 +313,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("qkv"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("kb"), pybind11::arg("vc"),
         pybind11::arg("keep"), pybind11::arg("n0"), pybind11::arg("nh"), pybind11::arg("nkv"),
         pybind11::arg("scale"), pybind11::arg("columns") = pybind11::none());
-  m.def("cpu_supported", &cpu_supported, "whether this CPU runs these kernels (AVX-512F)");
+  m.def("cpu_supported", &cpu_supported, "whether this CPU runs all of these kernels (AVX-512F)");
+  m.def("attention_supported", &attention_supported,
+        "whether this CPU runs decode_attention (AVX-512F, or AVX2 and FMA)");
   m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
   m.def("packed_linear", &packed_linear,
         "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels, optionally RMS-normalizing x first",
