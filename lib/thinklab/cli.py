@@ -240,7 +240,7 @@ def cmd_findings(args) -> int:
     changes = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("plan.")}
     plan = findings.plan_from_options(args.preset, **changes)
     if args.generate:
-        findings.generate(plan, runs_root=args.runs, progress=not args.quiet)
+        findings.generate(plan, runs_root=args.runs, progress=not args.quiet, block=args.block or None)
     command = " ".join(["thinklab", *getattr(args, "argv", ["findings"])])
     path = findings.write_report(plan, runs_root=args.runs, out=args.out, figures_dir=args.figures,
                                  n_boot=args.n_boot, command=command)
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--figures", default=None, help="where figures go (default: figures/findings)")
     f.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
     f.add_argument("--quiet", action="store_true", help="no progress bars while generating")
+    f.add_argument("--block", type=int, default=20,
+                   help="with --generate: problems per block; every run generates a block before any run starts "
+                        "the next, so a stopped sweep holds the same problems in every run (0: run by run)")
     _add_plan_flags(f)
     f.set_defaults(func=cmd_findings)
     return parser
