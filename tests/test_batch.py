@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nbformat
 import polars as pl
 import pytest
-import yaml
 
 from thinklab import batch
+from toy_notebooks import toy_notebook, write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_PARAMETERS = '''task = "ok"  # "ok" draws a line; anything else raises (a comment with (parens) and "quotes")
@@ -33,20 +32,11 @@ plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", form
 
 
 def _toy_notebook(folder: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell(TOY_PARAMETERS)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(TOY_BODY)]
-    path = folder / "toy.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return toy_notebook(folder, TOY_PARAMETERS, TOY_BODY)
 
 
 def _sweep(folder: Path, spec: dict, name: str = "toy") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return write_sweep(folder, spec, name)
 
 
 def overthinking_figures():

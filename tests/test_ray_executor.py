@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
-import yaml
 
 from thinklab import batch
+from toy_notebooks import toy_notebook, write_sweep
 
 RAY_MISSING = importlib.util.find_spec("ray") is None
 needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray is not installed (pip install 'thinklab[ray]')")
@@ -47,20 +46,11 @@ plots.export(go.Figure(go.Scatter(y=list(range(n_points)))), "line", "toy", form
 
 
 def _notebook(folder: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell(PARAMETERS)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(BODY)]
-    path = folder / "toy.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return toy_notebook(folder, PARAMETERS, BODY)
 
 
 def _sweep(folder: Path, spec: dict, name: str = "toy") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return write_sweep(folder, spec, name)
 
 
 def test_sweep_file_executor_keys_are_checked(tmp_path):
