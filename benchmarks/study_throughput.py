@@ -128,6 +128,7 @@ def main() -> None:
         print(f"  end to end: {e2e['tokens']} tokens in {e2e['wall']:.1f} s = {e2e['rate']:.1f} tok/s "
               f"(mean {e2e['mean_tokens']:.0f} tokens/sample, truncated {e2e['truncated']:.0%}, accuracy "
               f"{e2e['accuracy']:.2f}); scheduler: {st.get('rows')} rows, occupancy {st.get('occupancy')}, "
+              f"fill {st.get('fill')} (rows decoding per step / rows; the tail lowers it), "
               f"{st.get('prefills')} prefills ({st.get('prefill_seconds')} s), decode {st.get('decode_seconds')} s, "
               f"{st.get('continued_in_place')} calls continued in their row, {st.get('resizes')} cache resizes")
         rows = st.get("rows") or hf.max_batch_size

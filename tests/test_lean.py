@@ -290,3 +290,19 @@ def test_first_token_frequencies_follow_the_model(fast_backend):
     dof = len(observed) - 1
     limit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # 99.9th percentile
     assert chi2 < limit, f"chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}: {list(zip(observed, expected))}"
+
+
+@pytest.mark.parametrize("n0,T", [(0, 37), (0, 32), (16, 5), (3, 20), (0, 1), (32, 17)])
+def test_blocked_cache_writes_a_prefill_as_position_by_position(n0, T):
+    """A prefill's keys go into the blocked layout as whole blocks; the result must equal
+    writing them one position at a time, and read back as the keys written."""
+    from thinklab.backends.lean import KVCache
+
+    a = KVCache(2, 3, 2, 128, 8, torch.float32, "cpu", blocked=True)
+    b = KVCache(2, 3, 2, 128, 8, torch.float32, "cpu", blocked=True)
+    k, v = torch.randn(3, 2, T, 8), torch.randn(3, 2, T, 8)
+    a.write(1, n0, k, v)
+    for t in range(T):
+        b.write(1, n0 + t, k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert torch.equal(a.k[1], b.k[1]) and torch.equal(a.v[1], b.v[1])
+    assert torch.equal(a.keys(1, n0 + T)[:, :, n0:], k)

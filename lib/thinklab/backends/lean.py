@@ -300,7 +300,14 @@ class KVCache:
 
     def write(self, layer: int, n0: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values (batch, kv heads, T, head dim) at positions n0 .. n0 + T."""
-        if self.blocked:
+        if self.blocked and n0 % self.BLOCK == 0 and k.shape[2] > 1:
+            # whole blocks from n0 on (a prefill): one strided copy; the zeros that pad the last
+            # block land on positions not written yet
+            T, B = k.shape[2], self.BLOCK
+            nb = -(-T // B)
+            padded = F.pad(k, (0, 0, 0, nb * B - T)) if T % B else k
+            self.k[layer][:, :, n0 // B : n0 // B + nb] = padded.unflatten(2, (nb, B)).transpose(-1, -2)
+        elif self.blocked:
             pos = torch.arange(n0, n0 + k.shape[2], device=k.device)
             # two index tensors around a slice: the indexed (position) dimension comes first
             self.k[layer][:, :, pos // self.BLOCK, :, pos % self.BLOCK] = k.permute(2, 0, 1, 3)

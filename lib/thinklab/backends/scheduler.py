@@ -117,11 +117,19 @@ class SchedulerStats:
 
     @property
     def occupancy(self) -> float:
+        """Share of the batch's slots holding a row (the batch shrinks once nothing is pending)."""
         return self.row_steps / self.slot_steps if self.slot_steps else 0.0
+
+    @property
+    def fill(self) -> float:
+        """Rows decoding per step over the rows allocated: below 1 in the tail, when nothing
+        is pending and the last rows finish (a step costs nearly as much at fewer rows)."""
+        return self.row_steps / (self.steps * self.rows) if self.steps and self.rows else 0.0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["occupancy"] = round(self.occupancy, 4)
+        d["fill"] = round(self.fill, 4)
         for k in ("prefill_seconds", "decode_seconds", "seconds"):
             d[k] = round(d[k], 3)
         return d
