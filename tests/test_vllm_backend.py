@@ -184,6 +184,8 @@ def test_entropy_sampler_reduces_rows_and_refuses_other_runners():
     from thinklab.backends import vllm_entropy
 
     assert vllm_entropy.ENTROPY_SLOT_LOGPROBS == vllm_backend_module.ENTROPY_SLOT_LOGPROBS
+    assert vllm_entropy.WORKER_EXTENSION == vllm_backend_module.ENTROPY_WORKER_EXTENSION
+    assert hasattr(vllm_entropy.EntropyWorkerExtension, "install_entropy_sampler")
     full = _random_logprobs(6, 300, 3.0, seed=4)
     full[:3, 100:] = -np.inf  # top-k/top-p leave -inf entries, which count 0
     full[:3] -= np.logaddexp.reduce(full[:3], axis=1, keepdims=True)
@@ -219,8 +221,9 @@ def test_exact_entropy_agrees_with_transformers(vllm_exact, vllm_backend, fast_b
 
     assert vllm_exact.info.entropy_mode == "exact" and "EntropySampler" in vllm_exact.info.extra["entropy_computed_in"]
     seeds = [21, 22, 23, 24]
-    out = vllm_exact.generate(chat_prompts, seeds, sampling, 16, progress=False)
-    top = vllm_backend.generate(chat_prompts, seeds, sampling, 16, progress=False)
+    stop = (".",)  # stop strings make vLLM detokenize the log-probability entries too
+    out = vllm_exact.generate(chat_prompts, seeds, sampling, 16, stop=stop, progress=False)
+    top = vllm_backend.generate(chat_prompts, seeds, sampling, 16, stop=stop, progress=False)
     assert [c.token_ids for c in out] == [c.token_ids for c in top]
     model = fast_backend.model
     for prompt, c, t in zip(chat_prompts, out, top):

@@ -14,8 +14,8 @@ transformers backend. Each position returns the chosen token's own log-probabili
 `token_logprob` is exact) plus more. `token_entropy` is then:
   - "exact" (`ModelSpec.entropy_top_k=None`): computed inside the engine over all V
     processed log-probabilities by `thinklab.backends.vllm_entropy.EntropySampler`, which
-    `LLM.collective_rpc` installs in every worker; each request asks for one extra
-    log-probability, whose slot carries the entropy back. Same cost as top-K (BENCHMARKS.md).
+    `LLM.collective_rpc` installs in every worker (through a vLLM worker extension); each
+    request asks for one extra log-probability, whose slot carries the entropy back. Same cost as top-K (BENCHMARKS.md).
   - f"top-{K}" (K=20): `thinklab.backends.entropy.topk_entropy`, the entropy of the K known
     tokens plus a bound for the unseen tail (see its docstring; the error is measured in
     docs/vllm.md).
@@ -38,7 +38,9 @@ from thinklab import models
 from thinklab.backends.base import Backend, BackendInfo, Completion
 from thinklab.backends.entropy import exact_entropy, topk_entropy
 
-ENTROPY_SLOT_LOGPROBS = 1  # = vllm_entropy.ENTROPY_SLOT_LOGPROBS, which imports vllm
+# = vllm_entropy.ENTROPY_SLOT_LOGPROBS and .WORKER_EXTENSION (that module imports vllm)
+ENTROPY_SLOT_LOGPROBS = 1
+ENTROPY_WORKER_EXTENSION = "thinklab.backends.vllm_entropy.EntropyWorkerExtension"
 from thinklab.config import ModelSpec, SamplingSpec
 
 INSTALL_HINT = (
@@ -139,6 +141,8 @@ class VLLMBackend(Backend):
                 enforce_eager=self.enforce_eager,
                 logprobs_mode="processed_logprobs",
                 max_logprobs=self.n_logprobs,
+                # adds install_entropy_sampler to every worker, called below by name
+                worker_extension_cls=ENTROPY_WORKER_EXTENSION if entropy_top_k is None else "",
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
                 revision=spec.revision,
@@ -154,10 +158,8 @@ class VLLMBackend(Backend):
         self.engine_options = engine_options
         self.model_runner = None
         if entropy_top_k is None:
-            from thinklab.backends import vllm_entropy
-
             try:
-                self.model_runner = self.llm.collective_rpc(vllm_entropy.install)[0]
+                self.model_runner = self.llm.collective_rpc("install_entropy_sampler")[0]
             except Exception:
                 self.close()
                 raise

@@ -1,9 +1,10 @@
 """Exact token entropy inside vLLM's V1 sampler, two floats per generated token.
 
 vLLM returns log-probabilities, not entropies, and the full-vocabulary route
-(`logprobs=-1`) copies V floats per token into Python objects. Instead, `install`
-(sent to every worker with `LLM.collective_rpc`) gives the V1 model runner an
-`EntropySampler`: vLLM's own `Sampler`, unchanged in how it samples, which also takes
+(`logprobs=-1`) copies V floats per token into Python objects. Instead, `install` gives
+the V1 model runner an `EntropySampler`; the engine is built with
+`worker_extension_cls=WORKER_EXTENSION` and `LLM.collective_rpc("install_entropy_sampler")`
+runs it in every worker process (by name, so nothing is pickled across processes): vLLM's own `Sampler`, unchanged in how it samples, which also takes
 the (B, V) log-probabilities vLLM already computed for the distribution each token is
 drawn from (`logprobs_mode="processed_logprobs"`: after temperature, top-k and top-p; the
 raw softmax at temperature 0) and reduces each row to its entropy.
@@ -24,6 +25,7 @@ import torch
 from vllm.v1.sample.sampler import Sampler
 
 ENTROPY_SLOT_LOGPROBS = 1  # SamplingParams.logprobs for every request of an entropy engine
+WORKER_EXTENSION = "thinklab.backends.vllm_entropy.EntropyWorkerExtension"  # vLLM's worker_extension_cls
 
 
 def row_entropy(logprobs: torch.Tensor) -> torch.Tensor:
@@ -81,4 +83,12 @@ def install(worker) -> str:
     return type(runner).__name__
 
 
-__all__ = ["ENTROPY_SLOT_LOGPROBS", "EntropySampler", "install", "row_entropy"]
+class EntropyWorkerExtension:
+    """Mixed into vLLM's worker class by `worker_extension_cls`; adds the one RPC method."""
+
+    def install_entropy_sampler(self) -> str:
+        return install(self)
+
+
+__all__ = ["ENTROPY_SLOT_LOGPROBS", "WORKER_EXTENSION", "EntropySampler", "EntropyWorkerExtension", "install",
+           "row_entropy"]
