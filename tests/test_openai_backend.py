@@ -247,7 +247,8 @@ def test_greedy_text_equals_the_offline_vllm_backend(served):
     prompts = _prompts(served.tokenizer, QUESTIONS)
     greedy = SamplingSpec(temperature=0)
     online = served.generate(prompts, [0] * 4, greedy, max_new_tokens=32, progress=False)
-    offline_backend = VLLMBackend(ModelSpec(name="smollm2-135m", backend="vllm"), kv_cache_space_gib=1)
+    # the same top-20 estimate as the server (the offline default is exact entropy)
+    offline_backend = VLLMBackend(ModelSpec(name="smollm2-135m", backend="vllm", entropy_top_k=20), kv_cache_space_gib=1)
     try:
         offline = offline_backend.generate(prompts, [0] * 4, greedy, max_new_tokens=32, progress=False)
     finally:

@@ -93,23 +93,35 @@ def test_aliases_and_task_spellings_share_one_run_id():
     assert runner.canonical_spec(base.replace(**{"model.name": "default"})).model.name == "smollm2-135m"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("forward", "lean"), ("forward", "transformers"), ("dtype", "float32"), ("quantization", "int8-wo"),
-    ("quantization", "int8-wo:kernel"), ("entropy_top_k", None), ("entropy_top_k", 5),
-    ("entropy_estimator", "uniform"), ("enforce_eager", False),
+@pytest.mark.parametrize("backend, field, value", [
+    ("hf", "forward", "lean"), ("hf", "forward", "transformers"), ("hf", "dtype", "float32"),
+    ("hf", "quantization", "int8-wo"), ("hf", "quantization", "int8-wo:kernel"),
+    ("vllm", "entropy_top_k", 20), ("vllm", "entropy_top_k", 5),
+    ("vllm", "entropy_estimator", "uniform"), ("vllm", "enforce_eager", False),
 ])
-def test_every_option_that_changes_numbers_is_in_the_id(field, value):
-    base = RunSpec(task="rg:basic_arithmetic", n_problems=2)
+def test_every_option_that_changes_numbers_is_in_the_id(backend, field, value):
+    base = RunSpec(model=ModelSpec(backend=backend), task="rg:basic_arithmetic", n_problems=2)
     assert runner.run_id(base.replace(**{f"model.{field}": value})) != runner.run_id(base)
+
+
+def test_exact_vllm_entropy_by_default_without_moving_other_backends_ids():
+    """vLLM's default is exact entropy (None); the other backends keep the 20 they always had,
+    so a transformers run made before exact vLLM entropy keeps its id."""
+    assert ModelSpec(backend="vllm").entropy_top_k is None
+    assert ModelSpec().entropy_top_k == ModelSpec(backend="openai").entropy_top_k == 20
+    assert ModelSpec(entropy_top_k=None) == ModelSpec(entropy_top_k=20)
+    assert RunSpec(task="gsm8k").to_dict()["model"]["entropy_top_k"] == 20
 
 
 def test_new_fields_are_cli_flags():
     args = build_parser().parse_args(["generate", "--forward", "transformers", "--dtype", "float32",
-                                      "--entropy-top-k", "none", "--entropy-estimator", "uniform",
+                                      "--entropy-top-k", "5", "--entropy-estimator", "uniform",
                                       "--enforce-eager", "true", "--quantization", "int4-wo:kernel"])
     m = spec_from_args(args).model
     assert (m.forward, m.dtype, m.entropy_top_k, m.entropy_estimator, m.enforce_eager, m.quantization) == (
-        "transformers", "float32", None, "uniform", True, "int4-wo:kernel")
+        "transformers", "float32", 5, "uniform", True, "int4-wo:kernel")
+    vllm = spec_from_args(build_parser().parse_args(["generate", "--backend", "vllm", "--entropy-top-k", "none"])).model
+    assert vllm.entropy_top_k is None
 
 
 @pytest.mark.parametrize("make, needle", [

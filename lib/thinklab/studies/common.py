@@ -70,7 +70,7 @@ class StudyParams:
     backend: str = field(default="hf", metadata=choice(*BACKENDS))
     dtype: str = field(default="auto", metadata=choice(*DTYPES))
     forward: str = field(default="auto", metadata=choice(*FORWARDS))
-    entropy_top_k: int | None = field(default=20, metadata=rule(lambda v: v >= 1, "a positive int, or None for exact"))
+    entropy_top_k: int | None = field(default=None, metadata=rule(lambda v: v >= 1, "a positive int, or None for exact"))
     entropy_estimator: str = field(default="lower", metadata=choice(*ENTROPY_ESTIMATORS))
     lenient_truncated: bool = False
     task: str = field(default="rg:basic_arithmetic", metadata=non_empty("a task name (see `thinklab tasks`)"))
