@@ -577,8 +577,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         *(["- **More than 10% of the samples were cut off at max_tokens**: their lengths and answers are "
             "censored; raise --max-tokens."] if truncated is not None and truncated >= 0.10 else []),
         f"- **Wall time of the sweep**: {_duration(seconds)} of generation over {sittings} sitting(s) (per "
-        f"sitting, from `thinklab findings --generate` starting to its last part written; runs that share a "
-        f"model are generated together, so their times overlap)."
+        f"sitting, from `thinklab findings --generate` starting to its last part written, time paused "
+        f"included)."
         if sittings else
         f"- **Wall time of the runs** (sum of `generate_seconds` in their run.json; runs generated together "
         f"overlap): {_duration(sum(float((r.meta or {}).get('generate_seconds') or 0) for r in used))}.",
