@@ -35,10 +35,6 @@ def _toy_notebook(folder: Path) -> Path:
     return toy_notebook(folder, TOY_PARAMETERS, TOY_BODY)
 
 
-def _sweep(folder: Path, spec: dict, name: str = "toy") -> Path:
-    return write_sweep(folder, spec, name)
-
-
 def overthinking_figures():
     from thinklab.studies import overthinking
 
@@ -54,7 +50,7 @@ def test_notebook_parameters_parsed_with_comments_papermill_drops(tmp_path):
 
 def test_unknown_parameter_rejected_before_anything_runs(tmp_path):
     _toy_notebook(tmp_path)
-    sweep = _sweep(tmp_path, {"notebook": "toy.ipynb", "parameters": {"n_points": 2},
+    sweep = write_sweep(tmp_path, {"notebook": "toy.ipynb", "parameters": {"n_points": 2},
                               "sets": [{"name": "a"}, {"name": "typo", "n_pionts": 4}]})
     with pytest.raises(ValueError) as info:
         batch.run_sweep(sweep)
@@ -69,7 +65,7 @@ def test_unknown_parameter_rejected_before_anything_runs(tmp_path):
 
 def test_grid_expands_to_named_sets_with_stable_hashes(tmp_path):
     _toy_notebook(tmp_path)
-    path = _sweep(tmp_path, {"notebook": "toy.ipynb", "parameters": {"n_points": 2},
+    path = write_sweep(tmp_path, {"notebook": "toy.ipynb", "parameters": {"n_points": 2},
                              "grid": {"task": ["ok", "rg:chain_sum"], "n_points": [1, 5]}})
     sweep = batch.load_sweep(path)
     assert [s.name for s in sweep.sets] == ["task=ok__n_points=1", "task=ok__n_points=5",
@@ -80,9 +76,9 @@ def test_grid_expands_to_named_sets_with_stable_hashes(tmp_path):
     assert sweep.out_dir == (tmp_path / "out" / "toy").resolve()
 
     with pytest.raises(ValueError, match="exactly one of"):
-        batch.load_sweep(_sweep(tmp_path, {"notebook": "toy.ipynb", "sets": [{}], "grid": {"task": ["ok"]}}, "both"))
+        batch.load_sweep(write_sweep(tmp_path, {"notebook": "toy.ipynb", "sets": [{}], "grid": {"task": ["ok"]}}, "both"))
     with pytest.raises(ValueError, match="two sets are named"):
-        batch.load_sweep(_sweep(tmp_path, {"notebook": "toy.ipynb", "sets": [{"name": "a"}, {"name": "a"}]}, "dup"))
+        batch.load_sweep(write_sweep(tmp_path, {"notebook": "toy.ipynb", "sets": [{"name": "a"}, {"name": "a"}]}, "dup"))
 
 
 @pytest.mark.parametrize("sweep_file", sorted((ROOT / "papermill_runs").glob("*.yaml")), ids=lambda p: p.name)
@@ -104,7 +100,7 @@ def test_demo_sweep_is_the_overthinking_notebook_on_the_05b_model_and_gsm8k():
 @pytest.mark.slow
 def test_failing_set_does_not_stop_others_and_rerun_retries_only_it(isolated, capsys):
     _toy_notebook(isolated)
-    sweep = _sweep(isolated, {"notebook": "toy.ipynb", "parameters": {"n_points": 2},
+    sweep = write_sweep(isolated, {"notebook": "toy.ipynb", "parameters": {"n_points": 2},
                               "sets": [{"name": "a"}, {"name": "broken", "task": "nope"}, {"name": "c", "n_points": 4}]})
     first = batch.run_sweep(sweep, workers=2)
     out = isolated / "out" / "toy"
@@ -147,7 +143,7 @@ def test_failing_set_does_not_stop_others_and_rerun_retries_only_it(isolated, ca
 @pytest.mark.slow
 def test_overthinking_sweep_with_a_bad_task(isolated):
     """The real study notebook at tiny sizes: the bad set fails inside the notebook, the good one completes."""
-    sweep = _sweep(isolated, {
+    sweep = write_sweep(isolated, {
         "notebook": str(ROOT / "notebooks" / "01_overthinking.ipynb"),
         "parameters": {"n_problems": 1, "n_samples": 1, "budgets": [8, None], "max_tokens": 16, "answer_budget": 8,
                        "figure_formats": ["html"]},

@@ -49,22 +49,18 @@ def _notebook(folder: Path) -> Path:
     return toy_notebook(folder, PARAMETERS, BODY)
 
 
-def _sweep(folder: Path, spec: dict, name: str = "toy") -> Path:
-    return write_sweep(folder, spec, name)
-
-
 def test_sweep_file_executor_keys_are_checked(tmp_path):
     _notebook(tmp_path)
     base = {"notebook": "toy.ipynb", "sets": [{"name": "a"}]}
     with pytest.raises(ValueError, match="executor='slurm' is not valid; choose one of local, ray"):
-        batch.load_sweep(_sweep(tmp_path, {**base, "executor": "slurm"}))
+        batch.load_sweep(write_sweep(tmp_path, {**base, "executor": "slurm"}))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['gpu'\] under `ray`"):
-        batch.load_sweep(_sweep(tmp_path, {**base, "executor": "ray", "ray": {"gpu": 1}}))
+        batch.load_sweep(write_sweep(tmp_path, {**base, "executor": "ray", "ray": {"gpu": 1}}))
     with pytest.raises(ValueError, match="ray.cpus=-1 is not valid"):
-        batch.load_sweep(_sweep(tmp_path, {**base, "executor": "ray", "ray": {"cpus": -1}}))
-    sweep = batch.load_sweep(_sweep(tmp_path, {**base, "executor": "ray", "ray": {"cpus": 2, "gpus": 1, "max_retries": 0}}))
+        batch.load_sweep(write_sweep(tmp_path, {**base, "executor": "ray", "ray": {"cpus": -1}}))
+    sweep = batch.load_sweep(write_sweep(tmp_path, {**base, "executor": "ray", "ray": {"cpus": 2, "gpus": 1, "max_retries": 0}}))
     assert sweep.executor == "ray" and (sweep.ray.cpus, sweep.ray.gpus, sweep.ray.max_retries) == (2, 1, 0)
-    assert batch.load_sweep(_sweep(tmp_path, base)).executor == "local"
+    assert batch.load_sweep(write_sweep(tmp_path, base)).executor == "local"
 
 
 @pytest.mark.slow
@@ -75,7 +71,7 @@ def test_two_node_cluster_runs_sets_in_parallel_isolates_failures_and_reruns_a_d
 
     _notebook(isolated)
     marker = isolated / "died-once"
-    path = _sweep(isolated, {
+    path = write_sweep(isolated, {
         "notebook": "toy.ipynb", "executor": "ray", "ray": {"cpus": 1, "max_retries": 2},
         "sets": [{"name": "a", "n_points": 4}, {"name": "b", "n_points": 5}, {"name": "broken", "task": "nope"},
                  {"name": "phoenix", "task": "die-once", "marker": str(marker)}],
@@ -108,7 +104,7 @@ def test_two_node_cluster_runs_sets_in_parallel_isolates_failures_and_reruns_a_d
 @needs_ray
 def test_cli_batch_executor_ray(ray_cluster, isolated):
     _notebook(isolated)
-    path = _sweep(isolated, {"notebook": "toy.ipynb", "sets": [{"name": "one"}]}, name="cli")
+    path = write_sweep(isolated, {"notebook": "toy.ipynb", "sets": [{"name": "one"}]}, name="cli")
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "thinklab.cli", "batch", str(path), "--executor", "ray",
                           "--address", ray_cluster], capture_output=True, text=True, timeout=300,

@@ -350,9 +350,8 @@ def compute(plan: FindingsPlan, runs_root: Path | str | None = None, *, n_boot: 
     store = Store(runs_root)
     results: dict[str, F.Finding] = {}
 
-    interim: dict[int, list[str]] = {}
-
     def per_task(tasks, runs_of, label):
+        """(frames per task, what is missing, interim notes) of the runs `runs_of(task)`."""
         found, missing, notes = {}, [], []
         for task in tasks:
             frames, gaps, note = store.frames(runs_of(task), f"{label} for {task}")
@@ -360,37 +359,37 @@ def compute(plan: FindingsPlan, runs_root: Path | str | None = None, *, n_boot: 
             if frames:
                 found[task] = frames
                 notes += [note] if note else []
-        interim[id(found)] = notes
-        return found, missing
+        return found, missing, notes
 
-    def finish(key, found, missing, build):
+    def finish(key, runs, build):
+        found, missing, notes = runs
         if not found:
             results[key] = F.no_data(key, missing)
             return
         results[key] = build(found)
-        results[key].notes += interim.get(id(found), [])
+        results[key].notes += notes
         results[key].notes += [f"missing run, its task left out: {m}" for m in missing]
 
-    base, missing = per_task(plan.tasks, lambda t: {None: plan.base(t)}, "base run")
+    base = per_task(plan.tasks, lambda t: {None: plan.base(t)}, "base run")
     for key, build in (("a", F.finding_a), ("b", F.finding_b), ("c", F.finding_c)):
-        finish(key, base, missing, lambda found, build=build: build(
+        finish(key, base, lambda found, build=build: build(
             _stack([r[None] for r in found.values()]), n_boot=n_boot, seed=seed))
 
-    temps, missing = per_task(plan.tasks, plan.temperature_runs, "temperature run")
-    finish("d", temps, missing, lambda found: F.finding_d(
+    temps = per_task(plan.tasks, plan.temperature_runs, "temperature run")
+    finish("d", temps, lambda found: F.finding_d(
         _stack([f for runs in found.values() for f in runs.values()]), n_boot=n_boot, seed=seed))
 
-    quant, missing = per_task(plan.tasks, plan.quantization_runs, "quantization run")
-    finish("e", quant, missing, lambda found: F.finding_e(
+    quant = per_task(plan.tasks, plan.quantization_runs, "quantization run")
+    finish("e", quant, lambda found: F.finding_e(
         _stack([r[None] for r in found.values()]), _stack([r[plan.int8_format] for r in found.values()]),
         _stack([r[plan.four_bit_format] for r in found.values()]), n_boot=n_boot, seed=seed))
 
-    moe, missing = per_task(plan.moe_tasks, plan.moe_runs, "MoE run")
-    finish("f", moe, missing, lambda found: F.finding_f(
+    moe = per_task(plan.moe_tasks, plan.moe_runs, "MoE run")
+    finish("f", moe, lambda found: F.finding_f(
         {k: _stack([r[k] for r in found.values()]) for k in sorted(set(plan.top_k_values))}, n_boot=n_boot, seed=seed))
 
-    budgets, missing = per_task(plan.tasks, plan.budget_runs, "budget run")
-    finish("g", budgets, missing, lambda found: F.finding_g(
+    budgets = per_task(plan.tasks, plan.budget_runs, "budget run")
+    finish("g", budgets, lambda found: F.finding_g(
         {b: _stack([r[b] for r in found.values()]) for b in plan.budgets}, n_boot=n_boot, seed=seed))
     return {k: results[k] for k in FINDING_KEYS}, store
 

@@ -253,9 +253,10 @@ def run_many(
         for spec, problems, ident, rid, store in unique:
             meta, chunks, missing = open_run(spec, problems, ident, rid, store, chunk_problems, study)
             if upto is not None:
-                missing = [k for k in missing if sum(len(c) for c in chunks[:k]) < upto]
-                if len(store.done_chunks()) < len(chunks) and not missing:
+                block = [k for k in missing if _first_problem(chunks, k) < upto]
+                if missing and not block:
                     continue  # this block is done; the run is not
+                missing = block
             if missing:
                 check_spec(spec)  # cheap, and another process may have removed parts since we looked
                 todo.setdefault(spec.model, []).append(_Run(spec, rid, store, chunks, missing))
@@ -289,6 +290,11 @@ def open_run(spec: RunSpec, problems: list, ident: dict, rid: str, store: RunSto
     chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
     done = store.done_chunks()
     return meta, chunks, [k for k in range(len(chunks)) if k not in done]
+
+
+def _first_problem(chunks: list[list], k: int) -> int:
+    """The index, among the run's problems, of chunk k's first problem."""
+    return sum(len(c) for c in chunks[:k])
 
 
 def _todo(store: RunStore, n_problems: int, chunk_problems: int | None, n_samples: int) -> list[int]:
@@ -365,7 +371,7 @@ def serve_chunks(runs: list[_Run], backend: Backend, progress: bool, on_run_done
 
     work = [(tag, r, k) for tag, r in enumerate(runs) for k in r.todo]
     if order == "problems":  # by the position of a chunk's first problem, then by run
-        work.sort(key=lambda w: (sum(len(c) for c in w[1].chunks[: w[2]]), w[0]))
+        work.sort(key=lambda w: (_first_problem(w[1].chunks, w[2]), w[0]))
     markers = {tag: rows.phase_markers(r.spec, tok) for tag, r in enumerate(runs)}
     for r in runs:
         r.left = len(r.todo)
