@@ -155,6 +155,21 @@ def test_plan_shares_runs_and_refuses_bad_values():
         plan_from_options("huge")
 
 
+def test_only_some_findings_generate_just_their_runs():
+    plan = FindingsPlan()
+    task, moe_task = plan.tasks[0], plan.moe_tasks[0]
+    assert plan.specs(only=["a", "b", "c"]) == [plan.base(t) for t in plan.tasks]
+    with_f = plan.specs(only=["a", "f"])
+    assert with_f == [plan.base(t) for t in plan.tasks] + list(plan.moe_runs(moe_task).values())
+    # (g) reads the budget runs, whose uncapped point is the base run: it comes once, first
+    g = plan.specs(only=["g"])
+    assert g[0] == plan.base(task) and set(g) == {s for t in plan.tasks for s in plan.budget_runs(t).values()}
+    assert set(plan.specs(only=list("abcdefg"))) == set(plan.specs())
+    assert plan.summary(only=["f"]).startswith(f"{len(plan.top_k_values)} runs, ")
+    with pytest.raises(ValueError, match="finding 'h' is not valid"):
+        plan.specs(only=["h"])
+
+
 # --------------------------------------------------------------------------- the report from a store
 
 

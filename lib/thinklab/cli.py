@@ -240,7 +240,8 @@ def cmd_findings(args) -> int:
     changes = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("plan.")}
     plan = findings.plan_from_options(args.preset, **changes)
     if args.generate:
-        findings.generate(plan, runs_root=args.runs, progress=not args.quiet, block=args.block or None)
+        findings.generate(plan, runs_root=args.runs, progress=not args.quiet, block=args.block or None,
+                          only=args.only)
     command = " ".join(["thinklab", *getattr(args, "argv", ["findings"])])
     path = findings.write_report(plan, runs_root=args.runs, out=args.out, figures_dir=args.figures,
                                  n_boot=args.n_boot, command=command)
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--block", type=int, default=20,
                    help="with --generate: problems per block; every run generates a block before any run starts "
                         "the next, so a stopped sweep holds the same problems in every run (0: run by run)")
+    f.add_argument("--only", nargs="+", choices=list("abcdefg"), default=None, metavar="FINDING",
+                   help="with --generate: generate only the runs these findings read (e.g. --only a b c f), "
+                        "to finish some findings in a short sitting; the report still covers all seven")
     _add_plan_flags(f)
     f.set_defaults(func=cmd_findings)
     return parser

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,14 +133,31 @@ class FindingsPlan:
     def moe_runs(self, task: str) -> dict[int, RunSpec]:
         return {k: self._spec(task, model=self.moe_model, moe_top_k=k) for k in sorted(set(self.top_k_values))}
 
-    def summary(self) -> str:
-        """How many runs and samples the plan asks for."""
-        specs = self.specs()
+    def finding_runs(self, key: str) -> tuple[tuple[str, ...], Callable[[str], dict]]:
+        """(its tasks, task -> {condition: spec}): the runs finding `key` reads."""
+        if key in ("a", "b", "c"):
+            return self.tasks, lambda task: {None: self.base(task)}
+        by_key = {"d": (self.tasks, self.temperature_runs), "e": (self.tasks, self.quantization_runs),
+                  "f": (self.moe_tasks, self.moe_runs), "g": (self.tasks, self.budget_runs)}
+        if key not in by_key:
+            raise ValueError(f"finding {key!r} is not valid; choose among {', '.join(FINDING_KEYS)}")
+        return by_key[key]
+
+    def summary(self, only: Sequence[str] | None = None) -> str:
+        """How many runs and samples the plan (or the runs of the findings `only`) asks for."""
+        specs = self.specs(only)
         samples = sum(s.n_problems * s.sampling.n for s in specs)
         return f"{len(specs)} runs, {samples} samples at up to {self.max_tokens} tokens each"
 
-    def specs(self) -> list[RunSpec]:
-        """Every run, each once, the dense model's first (one model load), the base runs leading."""
+    def specs(self, only: Sequence[str] | None = None) -> list[RunSpec]:
+        """Every run, each once, the dense model's first (one model load), the base runs leading;
+        with `only` (finding keys), just the runs those findings read."""
+        if only is not None:
+            wanted = set()
+            for key in only:
+                tasks, runs_of = self.finding_runs(key)
+                wanted.update(spec for task in tasks for spec in runs_of(task).values())
+            return [spec for spec in self.specs() if spec in wanted]
         ordered: dict[RunSpec, RunSpec] = {}
         for task in self.tasks:
             ordered.setdefault(self.base(task), self.base(task))
@@ -198,8 +215,10 @@ def _check_formats(plan: FindingsPlan) -> None:
 
 
 def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: bool = True,
-             block: int | None = 20) -> list[Path]:
-    """Run (or resume, or load) every run of the plan; return their directories.
+             block: int | None = 20, only: Sequence[str] | None = None) -> list[Path]:
+    """Run (or resume, or load) every run of the plan (with `only`, the runs of those
+    findings: a sitting too short for the whole sweep can finish some findings first);
+    return their directories.
 
     The sweep goes `block` problems at a time: every run generates its first block, then
     every run its second, and so on, so that a sweep stopped (or reported on) before the end
@@ -208,12 +227,13 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     (`runner.run_many`), so its batch stays full across them. `block=None`: run by run."""
     from thinklab import runner
 
-    _check_formats(plan)
-    specs = plan.specs()
+    specs = plan.specs(only)
+    if any(spec.model.quantization for spec in specs):
+        _check_formats(plan)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block={block!r} is not valid; give a positive number of problems, or None")
     if progress:
-        print(f"[findings] {plan.summary()}; a killed sweep resumes where it stopped", file=sys.stderr)
+        print(f"[findings] {plan.summary(only)}; a killed sweep resumes where it stopped", file=sys.stderr)
     for i, spec in enumerate(specs):
         if progress:
             print(f"[findings] run {i + 1}/{len(specs)} {_run_id(spec)}: {_describe(spec)}", file=sys.stderr)
@@ -370,25 +390,25 @@ def compute(plan: FindingsPlan, runs_root: Path | str | None = None, *, n_boot: 
         results[key].notes += notes
         results[key].notes += [f"missing run, its task left out: {m}" for m in missing]
 
-    base = per_task(plan.tasks, lambda t: {None: plan.base(t)}, "base run")
+    base = per_task(*plan.finding_runs("a"), "base run")
     for key, build in (("a", F.finding_a), ("b", F.finding_b), ("c", F.finding_c)):
         finish(key, base, lambda found, build=build: build(
             _stack([r[None] for r in found.values()]), n_boot=n_boot, seed=seed))
 
-    temps = per_task(plan.tasks, plan.temperature_runs, "temperature run")
+    temps = per_task(*plan.finding_runs("d"), "temperature run")
     finish("d", temps, lambda found: F.finding_d(
         _stack([f for runs in found.values() for f in runs.values()]), n_boot=n_boot, seed=seed))
 
-    quant = per_task(plan.tasks, plan.quantization_runs, "quantization run")
+    quant = per_task(*plan.finding_runs("e"), "quantization run")
     finish("e", quant, lambda found: F.finding_e(
         _stack([r[None] for r in found.values()]), _stack([r[plan.int8_format] for r in found.values()]),
         _stack([r[plan.four_bit_format] for r in found.values()]), n_boot=n_boot, seed=seed))
 
-    moe = per_task(plan.moe_tasks, plan.moe_runs, "MoE run")
+    moe = per_task(*plan.finding_runs("f"), "MoE run")
     finish("f", moe, lambda found: F.finding_f(
         {k: _stack([r[k] for r in found.values()]) for k in sorted(set(plan.top_k_values))}, n_boot=n_boot, seed=seed))
 
-    budgets = per_task(plan.tasks, plan.budget_runs, "budget run")
+    budgets = per_task(*plan.finding_runs("g"), "budget run")
     finish("g", budgets, lambda found: F.finding_g(
         {b: _stack([r[b] for r in found.values()]) for b in plan.budgets}, n_boot=n_boot, seed=seed))
     return {k: results[k] for k in FINDING_KEYS}, store
