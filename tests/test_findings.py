@@ -312,3 +312,29 @@ def test_sweep_wall_time_counts_each_sitting_to_its_last_part(tmp_path):
     (tmp_path / SITTINGS).write_text("".join(json.dumps({"started": t}) + "\n" for t in (900, 4900)))
     assert sweep_seconds(tmp_path, parts) == (pytest.approx(500 + 450), 2)
     assert sweep_seconds(tmp_path / "none", parts) == (0.0, 0)
+
+
+def test_generate_only_some_findings_with_a_real_model(isolated, capsys):
+    """`findings --generate --only a` on SmolLM2: the base run alone is generated, complete;
+    the report fills (a)-(c) from it and says *no data* for the rest; a second sitting
+    generates nothing new."""
+    runs, out = isolated / "runs", isolated / "F.md"
+    argv = ["findings", "--generate", "--only", "a", "--preset", "smoke", "--n-problems", "3", "--quiet",
+            "--runs", str(runs), "--out", str(out), "--figures", str(isolated / "figs"), "--n-boot", "100"]
+    assert cli.main(argv) == 0
+    plan = PRESETS["smoke"].replace(n_problems=3)
+    base = plan.base(plan.tasks[0])
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [runner.run_id(base)]
+    store = RunStore(runner.run_dir(base, runs))
+    assert store.read_meta()["status"] == "complete"
+    frame = store.load()
+    assert frame.height == 3 * base.sampling.n and frame["problem_id"].n_unique() == 3
+    rows = _summary_rows(out.read_text())
+    no_data = {k for k, cells in rows.items() if cells[8] == "**no data**"}
+    assert set("defg") <= no_data and "a" not in no_data  # (b) needs a problem with both outcomes
+    assert rows["a"][5] == "3" and rows["a"][6] == str(frame.height)  # problems, samples
+
+    parts = {p: p.stat().st_mtime_ns for p in store.dir.glob("part-*.parquet")}
+    assert parts and cli.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in store.dir.glob("part-*.parquet")} == parts
+    assert len((runs / "findings-sittings.jsonl").read_text().splitlines()) == 2

@@ -224,7 +224,8 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
     every run its second, and so on, so that a sweep stopped (or reported on) before the end
     holds the same problems under every condition, and its interim report compares them
     paired. Within a block the runs on one model go to its backend together
-    (`runner.run_many`), so its batch stays full across them. `block=None`: run by run."""
+    (`runner.run_many`), so its batch stays full across them. `block=None`, or runs on a
+    single model: each model's runs in one pass, problem by problem."""
     from thinklab import runner
 
     specs = plan.specs(only)
@@ -242,9 +243,12 @@ def generate(plan: FindingsPlan, runs_root: Path | str | None = None, progress: 
         by_model.setdefault(dataclasses.replace(spec.model, moe_top_k=None), []).append(spec)
     _log_sitting(Path(runs_root) if runs_root else paths.runs_dir())
     largest = max(s.n_problems for s in specs)
-    ends = [largest] if block is None else list(range(block, largest, block)) + [largest]
+    # Blocks alternate between models. Runs on one model need none: problem-major order alone
+    # keeps them on the same problems, and each block's end would drain the batch for nothing.
+    whole = block is None or len(by_model) == 1
+    ends = [largest] if whole else list(range(block, largest, block)) + [largest]
     for end in ends:
-        if progress and block is not None:
+        if progress and not whole:
             print(f"[findings] problems up to {end} of {largest}", file=sys.stderr)
         for group in by_model.values():
             runner.run_many(group, runs_root=runs_root, progress=progress, study="findings", order="problems",
