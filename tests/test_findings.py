@@ -143,10 +143,15 @@ def test_plan_shares_runs_and_refuses_bad_values():
     assert len(ids) == len(set(ids))
     per_task = 1 + 2 + (len(plan.budgets) - 1) + (len(set(plan.temperatures)) - 1)
     assert len(ids) == per_task * len(plan.tasks) + len(plan.top_k_values) * len(plan.moe_tasks)
-    assert all(s.n_problems >= 200 and s.sampling.max_tokens >= 512 for s in plan.specs())
+    assert all(s.n_problems >= 200 for s in plan.specs())
+    moe = set(plan.moe_runs(plan.moe_tasks[0]).values())
+    assert all(s.sampling.max_tokens == (plan.moe_max_tokens if s in moe else plan.max_tokens) >= 256
+               for s in plan.specs()) and plan.max_tokens >= 512
     assert base.sampling.n == 8 and plan.budget_runs(task)[64].sampling.n == 4
     with pytest.raises(ValueError, match="temperature_samples=2"):
         FindingsPlan(temperature_samples=2)
+    with pytest.raises(ValueError, match="moe_max_tokens=0"):
+        FindingsPlan(moe_max_tokens=0)
     with pytest.raises(ValueError, match="budgets=\\(64,\\)"):
         FindingsPlan(budgets=(64,))
     with pytest.raises(ValueError, match="tasks='gsm8k'"):

@@ -64,7 +64,9 @@ class FindingsPlan:
     temperature: float = 0.7  # the base run's temperature, shared by every condition but (d)'s grid
     temperatures: tuple[float, ...] = (0.4, 0.7, 1.0)  # (d)
     budgets: tuple[int | None, ...] = (64, 128, 256, 512, None)  # (g), thinking tokens; None = uncapped (the base run)
-    max_tokens: int = 768  # cap on all generated tokens per sample
+    max_tokens: int = 768  # cap on the generated tokens of every sample but the MoE runs
+    moe_max_tokens: int = 256  # (f)'s cap: the dense SmolLM2 answers basic arithmetic well within it, while
+    # the low-k models rarely stop at all and would decode every sample to the cap
     answer_budget: int = 64  # tokens allowed after a forced answer cue
     int8_format: str = "int8-wo"  # (e), see docs/quantization.md
     four_bit_format: str = "int4-wo"  # (e)
@@ -94,6 +96,9 @@ class FindingsPlan:
             raise ValueError(f"temperatures={self.temperatures} is not valid; (d) needs at least two temperatures")
         if len(set(self.budgets)) < 2 or any(b is not None and b < 1 for b in self.budgets):
             raise ValueError(f"budgets={self.budgets} is not valid; give at least two budgets, positive ints or None")
+        if self.max_tokens < 1 or self.moe_max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}, moe_max_tokens={self.moe_max_tokens} are not valid; "
+                             "give positive numbers of tokens")
         if self.int8_format == self.four_bit_format:
             raise ValueError(f"int8_format and four_bit_format are both {self.int8_format!r}; give two formats")
         if len(set(self.top_k_values)) < 2 or any(k < 1 for k in self.top_k_values):
@@ -104,7 +109,8 @@ class FindingsPlan:
 
     # -- the conditions ------------------------------------------------------------------
     def _spec(self, task: str, *, model: str | None = None, temperature: float | None = None, n: int | None = None,
-              budget: int | None = None, quantization: str | None = None, moe_top_k: int | None = None) -> RunSpec:
+              budget: int | None = None, quantization: str | None = None, moe_top_k: int | None = None,
+              max_tokens: int | None = None) -> RunSpec:
         return RunSpec(
             model=ModelSpec(name=model or self.model, backend=self.backend, quantization=quantization,
                             moe_top_k=moe_top_k),
@@ -112,7 +118,7 @@ class FindingsPlan:
             n_problems=self.n_problems,
             task_seed=self.seed,
             sampling=SamplingSpec(temperature=self.temperature if temperature is None else temperature,
-                                  n=n or self.n_samples, max_tokens=self.max_tokens, seed=self.seed),
+                                  n=n or self.n_samples, max_tokens=max_tokens or self.max_tokens, seed=self.seed),
             budget=BudgetSpec(thinking_budget=budget, answer_budget=self.answer_budget),
         )
 
@@ -131,7 +137,8 @@ class FindingsPlan:
                 self.four_bit_format: self._spec(task, quantization=self.four_bit_format)}
 
     def moe_runs(self, task: str) -> dict[int, RunSpec]:
-        return {k: self._spec(task, model=self.moe_model, moe_top_k=k) for k in sorted(set(self.top_k_values))}
+        return {k: self._spec(task, model=self.moe_model, moe_top_k=k, max_tokens=self.moe_max_tokens)
+                for k in sorted(set(self.top_k_values))}
 
     def finding_runs(self, key: str) -> tuple[tuple[str, ...], Callable[[str], dict]]:
         """(its tasks, task -> {condition: spec}): the runs finding `key` reads."""
@@ -147,7 +154,8 @@ class FindingsPlan:
         """How many runs and samples the plan (or the runs of the findings `only`) asks for."""
         specs = self.specs(only)
         samples = sum(s.n_problems * s.sampling.n for s in specs)
-        return f"{len(specs)} runs, {samples} samples at up to {self.max_tokens} tokens each"
+        caps = "/".join(str(c) for c in sorted({s.sampling.max_tokens for s in specs}))
+        return f"{len(specs)} runs, {samples} samples at up to {caps} tokens each"
 
     def specs(self, only: Sequence[str] | None = None) -> list[RunSpec]:
         """Every run, each once, the dense model's first (one model load), the base runs leading;
@@ -175,7 +183,7 @@ PRESETS = {
     "full": FindingsPlan(),
     # a few minutes on 2 CPU cores: proves the pipeline end to end, resolves nothing
     "smoke": FindingsPlan(model="default", tasks=("rg:basic_arithmetic",), n_problems=6, n_samples=2,
-                          temperature_samples=4, temperatures=(0.7, 1.0), budgets=(16, 32, None), max_tokens=96,
+                          temperature_samples=4, temperatures=(0.7, 1.0), budgets=(16, 32, None), max_tokens=96, moe_max_tokens=96,
                           answer_budget=16, top_k_values=(8, 16)),
 }
 
@@ -591,7 +599,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         f"(f) on {', '.join(f'`{t}`' for t in plan.moe_tasks)}.",
         f"- **Sampling**: temperature {plan.temperature:g} (grid {', '.join(f'{t:g}' for t in grid)} for (d)), "
         f"{plan.temperature_samples} samples per problem in the base and temperature runs, {plan.n_samples} in the "
-        f"budget, quantization and MoE runs; max_tokens {plan.max_tokens}; thinking budgets "
+        f"budget, quantization and MoE runs; max_tokens {plan.max_tokens} ({plan.moe_max_tokens} for (f)); "
+        f"thinking budgets "
         f"{', '.join(_budget(b) for b in plan.budgets)}; formats {plan.int8_format}, {plan.four_bit_format}; "
         f"top-k {', '.join(map(str, sorted(set(plan.top_k_values))))}; backend {plan.backend}; seed {plan.seed}.",
         f"- **Runs**: {len(used) - len(interim)} of {len(store.runs)} complete"
