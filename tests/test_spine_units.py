@@ -131,3 +131,19 @@ def test_regrade_rewrites_parts_in_place(tmp_path):
     df = store.load()
     assert df["correct"].to_list() == [True] and df["pred"].to_list() == ["4"]
     assert store.read_meta()["grader_version"]
+
+
+def test_progress_rate_counts_from_the_first_tokens_on():
+    """A sample whose tokens all arrive in one report must not show a rate over ~0 seconds."""
+    from thinklab.progress import StudyProgress
+
+    bars = StudyProgress({"r": ("run r", 10, 256)}, enabled=False)
+    c = bars.counts["r"]
+    assert c.postfix(0.0) == "waiting for the first tokens"
+    bars.tokens("r", 256)  # the first report: a whole sample at once
+    assert c.postfix(c.first + 0.5) == "256 tok, measuring tok/s"
+    bars.tokens("r", 400)
+    bars.sample_done("r", 256)
+    bars.sample_done("r", 256)
+    assert c.postfix(c.first + 2.0).startswith("656 tok, 200 tok/s, ETA ~")  # 400 / 2 s, not 656 / 2 s
+    bars.close()

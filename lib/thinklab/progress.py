@@ -30,13 +30,16 @@ class _Count:
     done: int = 0
     tokens: int = 0
     done_tokens: int = 0  # tokens of the finished samples
-    first: float | None = None  # when the first token came
+    first: float | None = None  # when the first tokens came
+    first_tokens: int = 0  # how many came then: the rate counts from there, not from before them
 
     def postfix(self, now: float) -> str:
         if self.first is None or self.tokens == 0:
             return "waiting for the first tokens"
-        elapsed = max(now - self.first, 1e-9)
-        rate = self.tokens / elapsed
+        elapsed = now - self.first
+        if elapsed < 1.0 or self.tokens == self.first_tokens:
+            return f"{self.tokens} tok, measuring tok/s"
+        rate = (self.tokens - self.first_tokens) / elapsed
         per_sample = self.done_tokens / self.done if self.done else self.max_tokens
         left = max(self.samples * per_sample - self.tokens, 0.0) if self.done < self.samples else 0.0
         return f"{self.tokens} tok, {rate:.0f} tok/s, ETA ~{_clock(left / rate) if rate > 0 else '?'}"
@@ -76,8 +79,9 @@ class StudyProgress:
         now = time.perf_counter()
         for key in self._targets(tag):
             c = self.counts[key]
-            c.first = now if c.first is None else c.first
             c.tokens += n
+            if c.first is None:
+                c.first, c.first_tokens = now, c.tokens
         self._refresh()
 
     def sample_done(self, tag: Hashable, n_tokens: int) -> None:
