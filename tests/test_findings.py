@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import polars as pl
 import pytest
 
 import findings_tables as T
@@ -343,3 +344,19 @@ def test_generate_only_some_findings_with_a_real_model(isolated, capsys):
     assert parts and cli.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in store.dir.glob("part-*.parquet")} == parts
     assert len((runs / "findings-sittings.jsonl").read_text().splitlines()) == 2
+
+
+def test_report_names_the_findings_whose_samples_hit_the_cap(tmp_path):
+    plan = PRESETS["smoke"].replace(n_problems=12)
+    root = tmp_path / "runs"
+    _fill_store(plan, root)
+    clean = write_report(plan, root, tmp_path / "clean.md", tmp_path / "figs", n_boot=100).read_text()
+    assert "More than 10%" not in clean  # random_table truncates about 7%
+    rng = np.random.default_rng(2)
+    for spec in plan.moe_runs(plan.moe_tasks[0]).values():  # (f)'s runs, every sample at the cap
+        frame = T.random_table(list(range(12)), spec.sampling.n, rng, task=spec.task, model=spec.model.name,
+                               moe_top_k=spec.model.moe_top_k)
+        _write(spec, frame.with_columns(finish_reason=pl.lit("length")), root)
+    text = write_report(plan, root, tmp_path / "F.md", tmp_path / "figs", n_boot=100).read_text()
+    assert "More than 10% of the samples were cut off at their cap** in (f) 100.0%:" in text
+    assert _summary_rows(text)["f"][7] == "100.0%"

@@ -582,6 +582,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
     n_samples = sum(f.height for f in frames)
     truncated = (sum(int((f["finish_reason"] == "length").sum()) for f in frames) / n_samples) if n_samples else None
     grid = sorted(set(plan.temperatures) | {plan.temperature})
+    censored = [f"({key}) {_share(f.primary.truncated_share)}" for key, f in findings.items()
+                if f.primary.truncated_share is not None and f.primary.truncated_share >= 0.10]
     lines = [
         "# Findings: the seed papers' claims, measured",
         "",
@@ -605,9 +607,10 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         f"top-k {', '.join(map(str, sorted(set(plan.top_k_values))))}; backend {plan.backend}; seed {plan.seed}.",
         f"- **Runs**: {len(used) - len(interim)} of {len(store.runs)} complete"
         + (f", {len(interim)} under way" if interim else "") + f", {n_samples} samples, "
-        f"{_share(truncated)} cut off at max_tokens.",
-        *(["- **More than 10% of the samples were cut off at max_tokens**: their lengths and answers are "
-            "censored; raise --max-tokens."] if truncated is not None and truncated >= 0.10 else []),
+        f"{_share(truncated)} cut off at their cap.",
+        *([f"- **More than 10% of the samples were cut off at their cap** in {', '.join(censored)}: their "
+           "lengths and answers are censored (raise --max-tokens, or --moe-max-tokens for (f); in (f) the "
+           "cap is also where a damaged model that never stops ends)."] if censored else []),
         f"- **Wall time of the sweep**: {_duration(seconds)} of generation over {sittings} sitting(s) (per "
         f"sitting, from `thinklab findings --generate` starting to its last part written, time paused "
         f"included)."
