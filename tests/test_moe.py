@@ -56,13 +56,25 @@ def test_k_equal_to_num_experts_reproduces_the_dense_model(moe_backend, fast_bac
     with models.top_k_override(moe_backend.model, models.num_experts(moe_backend.model)):
         full = _logits(moe_backend.model, batch)
     mask = batch["attention_mask"].bool()
-    # Float rounding only: the MoE backend's linears run through oneDNN's prepacked GEMM,
-    # the dense reference through aten's, which round differently (~1e-6 relative).
+    # Float rounding only (~1e-6 relative): the two models are separate copies of the weights.
     assert (full[mask] - dense[mask]).abs().max().item() < 1e-5 * dense[mask].abs().max().item()
     # and fewer experts really change the model
     with models.top_k_override(moe_backend.model, 4):
         sparse = _logits(moe_backend.model, batch)
     assert (sparse[mask] - dense[mask]).abs().max().item() > 1.0
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_lean_forward_routes_as_the_offline_moe_does(moe_backend, k):
+    """The offline MoE decodes on the lean forward (the row scheduler), whose FFN keeps each
+    position's top-k neuron groups as MoefiedMLP does: logits as transformers' to rounding."""
+    from test_lean import _compare_with_transformers
+
+    assert moe_backend.forward.layout == "rows" and moe_backend.forward.name.startswith("lean")
+    with models.top_k_override(moe_backend.model, k):
+        worst, scale = _compare_with_transformers(moe_backend.model, [7, 19, 3, 19],
+                                                  native=moe_backend.forward.decoder.native_attention)
+    assert worst < 1e-3 * scale, f"k={k}: max |lean - transformers| = {worst} (logits up to {scale})"
 
 
 @pytest.mark.parametrize("k", [1, 5, 16])
@@ -72,13 +84,17 @@ def test_traced_generation_uses_exactly_k_experts_and_leaves_the_model_as_found(
     before = _logits(model, batch)
     hooks_before, top_k_before = _hooks(model), models.get_top_k(model)
     n_new = 12
-    with models.top_k_override(model, k), models.RouterTrace(model) as trace:
-        outs = moe_backend.generate(chat_prompts, seeds=[1, 2, 3, 4], sampling=SamplingSpec(temperature=1.0),
-                                    max_new_tokens=n_new, progress=False)
+    # transformers' own generate (the backend decodes on the lean forward, which does not call
+    # the model's forward; runs take their routing from routing_stats' teacher-forced pass)
+    torch.manual_seed(k)
+    with models.top_k_override(model, k), models.RouterTrace(model) as trace, torch.inference_mode():
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n_new,
+                             pad_token_id=moe_backend.pad_id)
     n_layers = model.config.num_hidden_layers
     E = models.num_experts(model)
-    # one record per forward pass: the prefill, then one per further token of the longest row
-    assert len(trace.records) == max(len(o.token_ids) for o in outs)
+    # one record per forward pass: the prefill, then one per further token
+    assert len(trace.records) == out.shape[1] - batch["input_ids"].shape[1]
     assert trace.records[0].shape == (len(chat_prompts), batch["input_ids"].shape[1])
     n_tokens = 0
     for rec in trace.records:

@@ -27,8 +27,9 @@ larger operations:
 It reads the weights of a loaded transformers model and keeps its own packed copies
 (memory: about the size of the linear weights), and it uses the model's own rotary
 embedding module, so RoPE variants follow the checkpoint. It supports `llama` and `qwen2`
-configurations (SmolLM2, Llama, Qwen2/2.5) in float32 without quantization, sliding
-windows or MoE; `LeanDecoder.unsupported(model)` says why a model is not eligible, and
+configurations (SmolLM2, Llama, Qwen2/2.5) and thinklab's offline MoE (a MoEfied llama:
+each position's FFN keeps the neuron groups its router picks) in float32 without
+quantization, sliding windows or trained MoE blocks; `LeanDecoder.unsupported(model)` says why a model is not eligible, and
 the backend then uses the transformers forward. Logits agree with the transformers
 forward to float rounding (tests/test_lean.py).
 """
@@ -45,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_TYPES = ("llama", "qwen2")
+SUPPORTED_TYPES = ("llama", "qwen2", "thinklab_moefied_llama")
+SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MoefiedLlamaForCausalLM")
 ATTENTION_CHUNK = 128  # columns per chunk of the torch path's row-wise decode attention (decode_rows)
 NATIVE_DIR = Path(__file__).parent / "native"
 NATIVE_SOURCES = [NATIVE_DIR / "decode_attention.cpp", NATIVE_DIR / "gemm.cpp", NATIVE_DIR / "sampling.cpp"]
@@ -262,6 +264,18 @@ class _Layer:
     o: Projection
     mlp: SwiGLU  # with the post-attention RMSNorm
     down: Projection
+    router: torch.nn.Module | None = None  # the offline MoE's group router (thinklab.models.moefy), read live
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN's residual update of x; in an offline MoE each position keeps only the
+        neuron groups its router picks (top-k of them), as `moefy.MoefiedMLP` does."""
+        h, r = self.mlp(x), self.router
+        if r is not None and r.top_k < r.num_experts:
+            flat = h.reshape(-1, h.shape[-1])
+            keep = torch.zeros((flat.shape[0], r.num_experts), dtype=torch.bool, device=h.device)
+            keep.scatter_(1, r(flat)[2], True)
+            h = (flat * keep[:, r.expert_of].to(flat.dtype)).view_as(h)
+        return self.down(h, x)
 
 
 class KVCache:
@@ -353,7 +367,7 @@ class LeanDecoder:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_TYPES:
             return f"model_type {cfg.model_type!r} (lean forward supports {', '.join(SUPPORTED_TYPES)})"
-        if type(model).__name__ not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        if type(model).__name__ not in SUPPORTED_CLASSES:
             return f"model class {type(model).__name__}"
         if not torch.backends.mkldnn.is_available():
             return "oneDNN is not available in this torch build"
@@ -410,6 +424,7 @@ class LeanDecoder:
                 mlp=SwiGLU(m.gate_proj, m.up_proj, gemm, batch_hint,
                            RMSNorm(layer.post_attention_layernorm.weight, self.eps)),
                 down=Projection(m.down_proj.weight, _bias(m.down_proj), gemm, batch_hint),
+                router=getattr(m, "gate", None),  # set_moe_top_k changes its top_k in place
             ))
 
     def describe(self) -> str:
@@ -495,7 +510,7 @@ class LeanDecoder:
                 for c in range(1, chunks):
                     out = out + part[:, :, c]
             x = L.o(out.reshape(b, 1, nh * hd), x)
-            x = L.down(L.mlp(x), x)
+            x = L.ffn(x)
         cache.length = max(cache.length, widest)
         return self.lm_head(x[:, -1].contiguous())
 
@@ -555,6 +570,6 @@ class LeanDecoder:
                     out = out.transpose(1, 2).reshape(b, T, nh * hd)
             # RMSNorms (folded into qkv and mlp), residual adds and the SwiGLU gating run inside the GEMMs.
             x = L.o(out, x)
-            x = L.down(L.mlp(x), x)
+            x = L.ffn(x)
         cache.length = n
         return self.lm_head(x[:, -1].contiguous())

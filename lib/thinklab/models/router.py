@@ -156,7 +156,9 @@ class RouterTrace:
     >>> trace.records[0].experts.shape   # (layers, B, T, k)
 
     Only forward hooks are added (one pre-hook on the model for the batch shape, one hook
-    per router); all of them are removed on exit, even after an exception.
+    per router); all of them are removed on exit, even after an exception. It traces the
+    transformers model's own forward (`model(...)`, `model.generate`); the hf backend's lean
+    forward decodes without it, and runs take their routing columns from `routing_stats`.
     """
 
     def __init__(self, model: nn.Module):
