@@ -80,20 +80,38 @@ def _serve(backend, requests):
 
 
 @pytest.mark.slow
-def test_sample_does_not_depend_on_neighbours_or_entry_time(fast_backend, chat_prompts):
-    assert fast_backend.forward.layout == "rows", "the embedded model must take the scheduled path"
+def _independent_of_neighbours(backend, chat_prompts):
+    assert backend.forward.layout == "rows", "the model must take the scheduled path"
     s = SamplingSpec(temperature=1.0)
-    alone = [fast_backend.generate([p], [100 + i], s, 24, progress=False)[0] for i, p in enumerate(chat_prompts)]
+    alone = [backend.generate([p], [100 + i], s, 24, progress=False)[0] for i, p in enumerate(chat_prompts)]
     # Two slots, eight samples: the four above are queued behind four others (lower order runs
     # first), so they enter late, into slots other rows left, beside whatever still runs.
     others = [Request(list(chat_prompts[(i + 1) % 4]), 7 + i, s, 8 + 5 * i, order=i) for i in range(4)]
     mine = [Request(list(p), 100 + i, s, 24, order=10 + i) for i, p in enumerate(chat_prompts)]
-    with _Batch(fast_backend, 2):
-        outs, stats = _serve(fast_backend, others + mine)
+    with _Batch(backend, 2):
+        outs, stats = _serve(backend, others + mine)
     assert stats["rows"] == 2 and stats["requests"] == 8
     assert stats["occupancy"] > 0.9, "slots must be refilled as rows finish"
     for a, b in zip(alone, outs[4:]):
         _identical(a, b)
+
+
+def test_sample_does_not_depend_on_neighbours_or_entry_time(fast_backend, chat_prompts):
+    _independent_of_neighbours(fast_backend, chat_prompts)
+
+
+@pytest.mark.slow
+def test_offline_moe_sample_does_not_depend_on_neighbours(chat_prompts):
+    """The offline MoE at k=4 of 16 on the lean forward: its router's top-k per position
+    must not depend on the other rows either."""
+    from thinklab import models
+    from thinklab.backends.hf import HFBackend
+
+    backend = HFBackend(ModelSpec(name=models.model_name(models.DEFAULT_OFFLINE), backend="hf", moe_top_k=4))
+    try:
+        _independent_of_neighbours(backend, chat_prompts)
+    finally:
+        backend.close()
 
 
 @pytest.mark.slow
