@@ -298,6 +298,11 @@ def test_interim_report_pairs_the_problems_all_runs_hold(tmp_path):
 
     text = write_report(plan, tmp_path / "runs", tmp_path / "F.md", tmp_path / "figs", n_boot=100).read_text()
     assert "Interim report: the sweep is not finished" in text
+    assert "Continue the sweep with `thinklab findings --generate` (it resumes" in text
+    from thinklab.findings import _generate_command
+
+    assert _generate_command("thinklab findings --tasks gsm8k --budgets 128 none") == \
+        "thinklab findings --generate --tasks gsm8k --budgets 128 none"
     n_runs = len(plan.specs())
     assert f"{n_runs - 2} of {n_runs} complete, 2 under way" in text
     assert "incomplete (7 of 12 problems written)" in text

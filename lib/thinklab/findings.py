@@ -593,7 +593,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         *([f"> **Interim report: the sweep is not finished.** {len(interim)} of its runs hold only their first "
            "problems; each comparison below uses the problems that all of its runs hold (the notes under each "
            "finding say how many), so intervals are wider than the full sweep's will be. Continue the sweep with "
-           "`thinklab findings --generate` (it resumes) and regenerate this report.", ""] if interim else []),
+           f"`{_generate_command(command)}` (it resumes, and writes this report again).", ""] if interim else []),
         f"- **Model**: `{plan.model}` for (a)-(e) and (g); for (f) {_model_description(plan.moe_model)}"
         + (": not a trained MoE and no compute saved; it measures what accuracy costs when each token keeps only "
            "k of the dense model's neuron groups." if plan.moe_model in OFFLINE else "."),
@@ -675,6 +675,13 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
             meta.get("git_commit", "-"),
             "complete" if r.complete else r.problem)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _generate_command(command: str) -> str:
+    """The command that continues the sweep this report's command reads (the same plan flags)."""
+    words = [w for w in command.split() if w not in ("--generate",)]
+    cut = next((i + 1 for i, w in enumerate(words) if w == "findings"), len(words))
+    return " ".join(words[:cut] + ["--generate"] + words[cut:])
 
 
 def _report_commit() -> str:
