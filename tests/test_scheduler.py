@@ -220,6 +220,18 @@ def test_runs_generated_block_by_block_problem_major_equal_whole_runs(fast_backe
         runner.run_many(specs, runs_root=root, backend=fast_backend, progress=False, order="sideways")
 
 
+def test_a_run_resumed_under_another_commit_records_both(fast_backend, tmp_path, monkeypatch):
+    spec = RunSpec(model=ModelSpec(name="default"), task="rg:basic_arithmetic", n_problems=2,
+                   sampling=SamplingSpec(temperature=1.0, n=1, max_tokens=8, seed=3))
+    for commit, upto in (("aaa111", 1), ("aaa111", 1), ("bbb222", None)):
+        monkeypatch.setattr(runner, "_git_commit", lambda commit=commit: commit)
+        runner.run_many([spec], runs_root=tmp_path, backend=fast_backend, progress=False, order="problems",
+                        upto=upto, chunk_problems=1)
+    meta = RunStore(runner.run_dir(spec, tmp_path)).read_meta()
+    assert meta["status"] == "complete" and meta["git_commit"] == "bbb222"
+    assert meta["git_commits"] == ["aaa111", "bbb222"]  # each commit that wrote parts, once, in order
+
+
 # ------------------------------------------------------------------ a tiny random llama: the cache's bookkeeping
 
 

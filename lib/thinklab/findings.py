@@ -577,7 +577,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
     used = [r for r in store.runs.values() if r.usable]
     interim = [r for r in used if not r.complete]
     seconds, sittings = sweep_seconds(store.root, [p for r in used for p in r.directory.glob("part-*.parquet")])
-    commits = sorted({str((r.meta or {}).get("git_commit")) for r in used if (r.meta or {}).get("git_commit")})
+    commits = sorted({str(c) for r in used for c in ((r.meta or {}).get("git_commits")
+                                                     or [(r.meta or {}).get("git_commit")]) if c})
     frames = [r.frame for r in used]
     n_samples = sum(f.height for f in frames)
     truncated = (sum(int((f["finish_reason"] == "length").sum()) for f in frames) / n_samples) if n_samples else None
