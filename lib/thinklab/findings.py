@@ -680,7 +680,7 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
 
 def _generate_command(command: str) -> str:
     """The command that continues the sweep this report's command reads (the same plan flags)."""
-    words = [w for w in command.split() if w not in ("--generate",)]
+    words = [w for w in command.split() if w != "--generate"]
     cut = next((i + 1 for i, w in enumerate(words) if w == "findings"), len(words))
     return " ".join(words[:cut] + ["--generate"] + words[cut:])
 

@@ -314,7 +314,8 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool, order: st
         served = serving_meta(r.spec, backend)
         # git_commit is this sitting's; git_commits every commit that wrote parts of the run
         commits = list(meta.get("git_commits") or ([meta["git_commit"]] if meta.get("git_commit") else []))
-        commits += [served["git_commit"]] if served["git_commit"] and served["git_commit"] not in commits else []
+        if served["git_commit"] and served["git_commit"] not in commits:
+            commits.append(served["git_commit"])
         r.store.update_meta(started=meta.get("started") or now_iso(), **served, git_commits=commits)
     t_start = time.time()
 
