@@ -232,6 +232,27 @@ def test_a_run_resumed_under_another_commit_records_both(fast_backend, tmp_path,
     assert meta["git_commits"] == ["aaa111", "bbb222"]  # each commit that wrote parts, once, in order
 
 
+def test_generate_seconds_sums_every_sitting_of_a_resumed_run(fast_backend, tmp_path):
+    """A run generated in two sittings (a sweep's blocks) records the time of both, each
+    from its first token to its last part: not the last sitting's alone."""
+    import time
+
+    spec = RunSpec(model=ModelSpec(name="default"), task="rg:basic_arithmetic", n_problems=2,
+                   sampling=SamplingSpec(temperature=1.0, n=2, max_tokens=12, seed=5))
+    store = RunStore(runner.run_dir(spec, tmp_path))
+    recorded, walls = [], []
+    for upto in (1, None):
+        t0 = time.perf_counter()
+        runner.run_many([spec], runs_root=tmp_path, backend=fast_backend, progress=False, order="problems",
+                        upto=upto, chunk_problems=1)
+        walls.append(time.perf_counter() - t0)
+        recorded.append(store.read_meta().get("generate_seconds"))
+    first, total = recorded
+    assert first is not None and 0 < first <= walls[0] + 0.01  # a block's time is kept before the run completes
+    assert store.read_meta()["status"] == "complete"
+    assert 0 < total - first <= walls[1] + 0.01  # the second sitting adds its own time to the first's
+
+
 # ------------------------------------------------------------------ a tiny random llama: the cache's bookkeeping
 
 

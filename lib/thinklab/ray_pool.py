@@ -153,7 +153,7 @@ def _generate(ray, spec, rid, store, meta, chunks, todo, actors, address, cpus, 
         # host and argv are the driver's; where each actor ran is under ray.actors
         store.update_meta(**{**served, "started": meta.get("started") or now_iso(), "host": platform.node(),
                              "argv": sys.argv, "ray": ray_info})
-        t0 = time.time()
+        counted = time.time()
         bar = _bar(len(todo), rid, progress)
         queue = list(tasks_)
         running = {}
@@ -176,6 +176,9 @@ def _generate(ray, spec, rid, store, meta, chunks, todo, actors, address, cpus, 
                                    f"chunks still missing") from exc
             for k in result["chunks"]:
                 ray_info["parts"][str(k)] = {key: result[key] for key in ("pid", "host", "node_id")}
+            now = time.time()  # generate_seconds sums every sitting's time, up to its last part (as runner's)
+            store.add_seconds("generate_seconds", now - counted)
+            counted = now
             bar.update(len(result["chunks"]))
             submit(actor)
         bar.close()
@@ -186,8 +189,7 @@ def _generate(ray, spec, rid, store, meta, chunks, todo, actors, address, cpus, 
         # temporary files of a writer killed mid-part (its retry wrote the part whole); no task is running now
         for stale in store.dir.glob(".part-*.tmp-*"):
             stale.unlink(missing_ok=True)
-        store.update_meta(finished=now_iso(), status="complete", generate_seconds=round(time.time() - t0, 2),
-                          ray=ray_info)
+        store.update_meta(finished=now_iso(), status="complete", ray=ray_info)
     finally:
         for actor in pool:
             ray.kill(actor, no_restart=True)

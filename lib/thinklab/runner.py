@@ -196,7 +196,8 @@ class _Run:
     store: RunStore
     chunks: list[list]
     todo: list[int]
-    first_token: float | None = None
+    first_token: float | None = None  # this call's first token of the run
+    counted: float | None = None  # until when this call's time is in run.json's generate_seconds
     left: int = 0  # chunks not yet handed to the writer
 
 
@@ -319,13 +320,20 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool, order: st
         r.store.update_meta(started=meta.get("started") or now_iso(), **served, git_commits=commits)
     t_start = time.time()
 
+    def count(r: _Run) -> None:
+        # generate_seconds sums, over every call that wrote parts of the run (sittings, a
+        # sweep's blocks), the time from its first token to its last part: a killed sitting
+        # keeps the time up to its last part, and a resumed run's total covers all of them
+        now = time.time()
+        r.store.add_seconds("generate_seconds", now - (r.counted or r.first_token or t_start))
+        r.counted = now
+
     def finalize(r: _Run) -> None:
         if len(r.store.done_chunks()) < len(r.chunks):
             return  # only a block of its problems was asked for (run_many's upto)
-        r.store.update_meta(finished=now_iso(), status="complete",
-                            generate_seconds=round(time.time() - (r.first_token or t_start), 2))
+        r.store.update_meta(finished=now_iso(), status="complete")
 
-    serve_chunks(runs, backend, progress, on_run_done=finalize, order=order)
+    serve_chunks(runs, backend, progress, on_run_done=finalize, on_part=count, order=order)
     stats = backend.last_serve_stats
     if stats:  # what the scheduler did for these runs together (they shared its batch)
         for r in runs:
@@ -359,10 +367,11 @@ def serving_meta(spec: RunSpec, backend: Backend) -> dict:
 
 
 def serve_chunks(runs: list[_Run], backend: Backend, progress: bool, on_run_done=None,
-                 order: str = "runs") -> None:
+                 order: str = "runs", on_part=None) -> None:
     """Serve chunks `r.todo` of each run on `backend` and write each as one part (graded by a
     background thread as soon as its samples are done); run.json is not touched here, except
-    through `on_run_done(r)`, called on the writer thread once all of a run's parts are written.
+    through `on_part(r)`, called on the writer thread after each part of run r is written,
+    and `on_run_done(r)`, called there once all of a run's parts are written.
     `order`: see `run_many`. Returns when every finished chunk is on disk."""
     tok = backend.tokenizer
     bars = StudyProgress({i: (f"run {r.rid}", sum(len(r.chunks[k]) for k in r.todo) * r.spec.sampling.n,
@@ -394,6 +403,8 @@ def serve_chunks(runs: list[_Run], backend: Backend, progress: bool, on_run_done
             # routing statistics run the model, so they are taken here, between decode steps
             routing = backend.routing_columns(chunk.sample_prompts(), chunk.traces, chunk.thinking_tokens(tok))
             writer.submit(lambda: r.store.write_part(k, chunk.frame(tok, routing)))
+            if on_part is not None:
+                writer.submit(lambda: on_part(r))
             r.left -= 1
             if r.left == 0 and on_run_done is not None:
                 writer.submit(lambda: on_run_done(r))

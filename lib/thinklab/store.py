@@ -111,6 +111,13 @@ class RunStore:
         self.write_meta(meta)
         return meta
 
+    def add_seconds(self, field: str, seconds: float) -> dict:
+        """Add `seconds` to run.json's `field` (a duration summed over sittings)."""
+        meta = self.read_meta()
+        meta[field] = round(float(meta.get(field) or 0.0) + seconds, 2)
+        self.write_meta(meta)
+        return meta
+
     @contextlib.contextmanager
     def lock(self):
         """Exclusive lock so that two processes never generate the same run at once.
