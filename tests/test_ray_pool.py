@@ -63,6 +63,8 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, isol
     assert len({p["node_id"] for p in parts.values()}) == 2, parts  # both nodes wrote parts
     assert len({p["pid"] for p in parts.values()}) == 2, parts
     assert not list(store.dir.glob(".*.tmp-*"))
+    first_seconds = meta["generate_seconds"]
+    assert first_seconds > 0
 
     # the local runner resumes a Ray run as its own: a removed part is regenerated, equal
     store.part_path(3).unlink()
@@ -82,6 +84,8 @@ def test_a_run_on_two_actors_on_two_nodes_equals_the_local_run(ray_cluster, isol
     meta = store.read_meta()
     assert meta["status"] == "complete" and len(meta["ray"]["actors"]) == 1  # one chunk to serve: one actor
     assert meta["ray"]["parts"]["4"]["pid"] == meta["ray"]["actors"][0]["pid"]
+    # each sitting's generation time is added to the run's, not put in its place
+    assert meta["generate_seconds"] > first_seconds
     assert _sorted(store.load()).equals(_sorted(local))
 
 
