@@ -232,6 +232,48 @@ def test_a_run_resumed_under_another_commit_records_both(fast_backend, tmp_path,
     assert meta["git_commits"] == ["aaa111", "bbb222"]  # each commit that wrote parts, once, in order
 
 
+def _rows(frame):
+    return frame.sort("problem_id", "sample_idx").drop("run_id")
+
+
+def test_a_run_with_more_samples_takes_the_samples_a_smaller_run_holds(fast_backend, tmp_path):
+    """Sample s of a problem depends on its seed, the spec and the arithmetic, not on how
+    many samples the run has: 4 samples after 2 decode only the 2 new ones, and the run
+    equals the same 4 generated from nothing, bit for bit; 2 after 4 decode nothing."""
+    small = RunSpec(model=ModelSpec(name="default"), task="rg:basic_arithmetic", n_problems=3,
+                    sampling=SamplingSpec(temperature=1.0, n=2, max_tokens=16, seed=7))
+    big = small.replace(**{"sampling.n": 4})
+    alone = runner.run(big, runs_root=tmp_path / "alone", backend=fast_backend, progress=False)
+
+    runner.run(small, runs_root=tmp_path / "shared", backend=fast_backend, progress=False)
+    extended = runner.run(big, runs_root=tmp_path / "shared", backend=fast_backend, progress=False)
+    assert _rows(extended).equals(_rows(alone))
+    assert set(extended["run_id"]) == {runner.run_id(big)}
+    meta = RunStore(runner.run_dir(big, tmp_path / "shared")).read_meta()
+    assert meta["reused_samples"] == {runner.run_id(small): 6}
+    assert meta["scheduler"]["requests"] == 6  # only samples 2 and 3 of each problem were decoded
+
+    # the other way round: every sample is held, so the backend is not asked for any
+    fewer = runner.run(small, runs_root=tmp_path / "alone", backend=fast_backend, progress=False)
+    meta = RunStore(runner.run_dir(small, tmp_path / "alone")).read_meta()
+    assert meta["reused_samples"] == {runner.run_id(big): 6} and "scheduler" not in meta
+    assert meta["status"] == "complete"
+    assert _rows(fewer).equals(_rows(alone.filter(alone["sample_idx"] < 2)))
+
+
+def test_samples_are_not_taken_from_a_run_decoded_under_another_setup(fast_backend, tmp_path):
+    small = RunSpec(model=ModelSpec(name="default"), task="rg:basic_arithmetic", n_problems=2,
+                    sampling=SamplingSpec(temperature=1.0, n=1, max_tokens=12, seed=9))
+    runner.run(small, runs_root=tmp_path, backend=fast_backend, progress=False)
+    donor = RunStore(runner.run_dir(small, tmp_path))
+    donor.update_meta(resolved={**donor.read_meta()["resolved"], "forward": "transformers"})
+    other_temperature = small.replace(**{"sampling.n": 2, "sampling.temperature": 0.5})
+    for spec in (small.replace(**{"sampling.n": 2}), other_temperature):
+        runner.run(spec, runs_root=tmp_path, backend=fast_backend, progress=False)
+        meta = RunStore(runner.run_dir(spec, tmp_path)).read_meta()
+        assert "reused_samples" not in meta and meta["scheduler"]["requests"] == 4
+
+
 def test_generate_seconds_sums_every_sitting_of_a_resumed_run(fast_backend, tmp_path):
     """A run generated in two sittings (a sweep's blocks) records the time of both, each
     from its first token to its last part: not the last sitting's alone."""

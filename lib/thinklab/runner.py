@@ -34,6 +34,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -199,6 +200,8 @@ class _Run:
     first_token: float | None = None  # this call's first token of the run
     counted: float | None = None  # until when this call's time is in run.json's generate_seconds
     left: int = 0  # chunks not yet handed to the writer
+    donors: dict = dataclasses.field(default_factory=dict)  # (problem_id, sample_idx) -> (run id, row): see donor_rows
+    reused: dict = dataclasses.field(default_factory=dict)  # chunk -> {donor run id: samples taken from it}
 
 
 ORDERS = ("runs", "problems")
@@ -318,26 +321,80 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool, order: st
         if served["git_commit"] and served["git_commit"] not in commits:
             commits.append(served["git_commit"])
         r.store.update_meta(started=meta.get("started") or now_iso(), **served, git_commits=commits)
+        r.donors = donor_rows(r.spec, r.rid, r.store.dir.parent, loaded, [p for k in r.todo for p in r.chunks[k]])
     t_start = time.time()
 
-    def count(r: _Run) -> None:
+    def count(r: _Run, k: int) -> None:
         # generate_seconds sums, over every call that wrote parts of the run (sittings, a
         # sweep's blocks), the time from its first token to its last part: a killed sitting
         # keeps the time up to its last part, and a resumed run's total covers all of them
         now = time.time()
-        r.store.add_seconds("generate_seconds", now - (r.counted or r.first_token or t_start))
+        meta = r.store.add_seconds("generate_seconds", now - (r.counted or r.first_token or t_start))
         r.counted = now
+        if r.reused.get(k):
+            reused = dict(meta.get("reused_samples") or {})
+            for donor, n in r.reused[k].items():
+                reused[donor] = reused.get(donor, 0) + n
+            r.store.update_meta(reused_samples=reused)
 
     def finalize(r: _Run) -> None:
         if len(r.store.done_chunks()) < len(r.chunks):
             return  # only a block of its problems was asked for (run_many's upto)
         r.store.update_meta(finished=now_iso(), status="complete")
 
-    serve_chunks(runs, backend, progress, on_run_done=finalize, on_part=count, order=order)
+    served = serve_chunks(runs, backend, progress, on_run_done=finalize, on_part=count, order=order)
     stats = backend.last_serve_stats
-    if stats:  # what the scheduler did for these runs together (they shared its batch)
+    if served and stats:  # what the scheduler did for these runs together (they shared its batch)
         for r in runs:
             r.store.update_meta(scheduler={**stats, "runs_served_together": len(runs)})
+
+
+def _sibling_key(spec: dict) -> str:
+    """A stored spec without what only says how many samples a run has (its problem count,
+    its samples per problem): runs with equal keys draw sample s of a problem alike."""
+    spec = json.loads(json.dumps(spec))
+    spec.pop("n_problems", None)
+    spec["sampling"].pop("n", None)
+    return json.dumps(spec, sort_keys=True)
+
+
+def donor_rows(spec: RunSpec, rid: str, root: Path, loaded: dict, problems: list) -> dict:
+    """The samples of run `rid` that other stored runs already hold, taken instead of generated:
+    {(problem_id, sample_idx): (donor run id, row)}.
+
+    A sample's tokens are fixed by its seed (the run's seed, its problem, its index: not the
+    run's n), the spec and the arithmetic. So a run that differs only in its number of samples
+    or problems (4 samples of T=0.7 where 8 are now asked for; the first 200 problems of a
+    500-problem run) holds the same samples, bit for bit, when it was decoded under the same
+    setup: the backend's identity equal to the one loaded now (model fingerprint, dtype,
+    forward) and the row layout, where a sample does not depend on what shares its batch
+    (tests/test_scheduler.py). Fixed batches round by their neighbours, and vLLM's batches
+    too, so under those nothing is taken. The caller checks each row's prompt and gold
+    against its own problem; the rows are graded again by the current grader."""
+    if loaded.get("decode_layout") != "rows" or not root.is_dir():
+        return {}
+    want = {p.problem_id for p in problems}
+    key = _sibling_key(spec.to_dict())
+    found: dict = {}
+    for directory in sorted(root.iterdir()):
+        store = RunStore(directory)
+        if directory.name == rid or not store.meta_path.is_file():
+            continue
+        try:
+            meta = store.read_meta()
+            if meta.get("resolved") != loaded or _sibling_key(meta["spec"]) != key:
+                continue
+            frame = store.load()
+        except (OSError, ValueError, KeyError, TypeError, pl.exceptions.PolarsError):
+            continue  # an unreadable run gives nothing; it is not this run's to repair
+        frame = frame.filter(pl.col("problem_id").is_in(sorted(want)))
+        for row in frame.select(DONATED).iter_rows(named=True):
+            found.setdefault((row["problem_id"], row["sample_idx"]), (meta["run_id"], row))
+    return found
+
+
+DONATED = ("problem_id", "sample_idx", "prompt", "gold", "token_ids", "token_entropy", "token_logprob",
+           "finish_reason", "n_thinking_tokens", "wait_extensions")
 
 
 def serving_meta(spec: RunSpec, backend: Backend) -> dict:
@@ -367,56 +424,83 @@ def serving_meta(spec: RunSpec, backend: Backend) -> dict:
 
 
 def serve_chunks(runs: list[_Run], backend: Backend, progress: bool, on_run_done=None,
-                 order: str = "runs", on_part=None) -> None:
+                 order: str = "runs", on_part=None) -> bool:
     """Serve chunks `r.todo` of each run on `backend` and write each as one part (graded by a
     background thread as soon as its samples are done); run.json is not touched here, except
-    through `on_part(r)`, called on the writer thread after each part of run r is written,
+    through `on_part(r, k)`, called on the writer thread after part k of run r is written,
     and `on_run_done(r)`, called there once all of a run's parts are written.
-    `order`: see `run_many`. Returns when every finished chunk is on disk."""
+    Samples in `r.donors` (see `donor_rows`) are taken, not generated; `r.reused` says how
+    many per chunk. `order`: see `run_many`. Returns when every finished chunk is on disk:
+    whether the backend was asked for any sample."""
+    from thinklab.generation import Trace
+
     tok = backend.tokenizer
-    bars = StudyProgress({i: (f"run {r.rid}", sum(len(r.chunks[k]) for k in r.todo) * r.spec.sampling.n,
-                              r.spec.sampling.max_tokens) for i, r in enumerate(runs)}, enabled=progress)
     writer = Background("thinklab-parts")
+    markers = {tag: rows.phase_markers(r.spec, tok) for tag, r in enumerate(runs)}
+    work = [(tag, r, k) for tag, r in enumerate(runs) for k in r.todo]
+    if order == "problems":  # by the position of a chunk's first problem, then by run
+        work.sort(key=lambda w: (_first_problem(w[1].chunks, w[2]), w[0]))
+    chunks, taken = {}, {}
+    for tag, r, k in work:
+        chunk = chunks[tag, k] = rows.Chunk.build(r.spec, r.rid, tok, markers[tag], r.chunks[k])
+        taken[tag, k] = []
+        for i, (pi, s) in enumerate(chunk.flat):
+            p = chunk.problems[pi]
+            donor, row = r.donors.get((p.problem_id, s), (None, None))
+            if row is not None and row["prompt"] == chunk.prompt_texts[pi] and row["gold"] == p.gold:
+                chunk.traces[i] = Trace(list(row["token_ids"]), list(row["token_entropy"]), list(row["token_logprob"]),
+                                        row["finish_reason"], row["n_thinking_tokens"], row["wait_extensions"] or 0)
+                taken[tag, k].append(donor)
+        r.reused[k] = dict(Counter(taken[tag, k]))
+    bars = StudyProgress({tag: (f"run {r.rid}", sum(len(chunks[tag, k].flat) - len(taken[tag, k]) for k in r.todo),
+                                r.spec.sampling.max_tokens) for tag, r in enumerate(runs)}, enabled=progress)
 
     def on_tokens(tag, n: int) -> None:
         if runs[tag].first_token is None:
             runs[tag].first_token = time.time()
         bars.tokens(tag, n)
 
-    work = [(tag, r, k) for tag, r in enumerate(runs) for k in r.todo]
-    if order == "problems":  # by the position of a chunk's first problem, then by run
-        work.sort(key=lambda w: (_first_problem(w[1].chunks, w[2]), w[0]))
-    markers = {tag: rows.phase_markers(r.spec, tok) for tag, r in enumerate(runs)}
     for r in runs:
         r.left = len(r.todo)
+
+    def finish(r: _Run, k: int, chunk: rows.Chunk) -> None:
+        # routing statistics run the model, so they are taken here, between decode steps
+        routing = backend.routing_columns(chunk.sample_prompts(), chunk.traces, chunk.thinking_tokens(tok))
+        writer.submit(lambda: r.store.write_part(k, chunk.frame(tok, routing)))
+        if on_part is not None:
+            writer.submit(lambda: on_part(r, k))
+        r.left -= 1
+        if r.left == 0 and on_run_done is not None:
+            writer.submit(lambda: on_run_done(r))
+
     requests, position = [], 0
     for tag, r, k in work:
-        chunk = rows.Chunk.build(r.spec, r.rid, tok, markers[tag], r.chunks[k])
-        left = [len(chunk.flat)]
+        chunk = chunks[tag, k]
+        todo = [i for i, tr in enumerate(chunk.traces) if tr is None]
+        if not todo:  # every sample taken from other runs
+            finish(r, k, chunk)
+            continue
+        left = [len(todo)]
 
-        def done(i, trace, r=r, k=k, chunk=chunk, left=left, tag=tag) -> None:
-            chunk.traces[i] = trace
+        def done(j, trace, r=r, k=k, chunk=chunk, left=left, tag=tag, todo=todo) -> None:
+            chunk.traces[todo[j]] = trace
             left[0] -= 1
             bars.sample_done(tag, len(trace.token_ids))
-            if left[0]:
-                return
-            # routing statistics run the model, so they are taken here, between decode steps
-            routing = backend.routing_columns(chunk.sample_prompts(), chunk.traces, chunk.thinking_tokens(tok))
-            writer.submit(lambda: r.store.write_part(k, chunk.frame(tok, routing)))
-            if on_part is not None:
-                writer.submit(lambda: on_part(r))
-            r.left -= 1
-            if r.left == 0 and on_run_done is not None:
-                writer.submit(lambda: on_run_done(r))
+            if not left[0]:
+                finish(r, k, chunk)
 
-        requests += trace_requests(tok, chunk.sample_prompts(), chunk.seeds, r.spec.sampling, r.spec.budget,
-                                   markers[tag], done, order=range(position, position + len(chunk.flat)), tag=tag)
-        position += len(chunk.flat)
+        prompts = chunk.sample_prompts()
+        requests += trace_requests(tok, [prompts[i] for i in todo], [chunk.seeds[i] for i in todo], r.spec.sampling,
+                                   r.spec.budget, markers[tag], done, order=range(position, position + len(todo)),
+                                   tag=tag)
+        position += len(todo)
     try:
-        backend.serve(requests, on_tokens=on_tokens, progress=False)
+        if requests:
+            backend.serve(requests, on_tokens=on_tokens, progress=False)
     except BaseException:
         writer.close(raise_error=False)  # the chunks already finished are still written
         bars.close()
         raise
     writer.close()
     bars.close()
+    return bool(requests)
