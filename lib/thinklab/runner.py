@@ -138,6 +138,10 @@ def check_resume(stored: dict | None, loaded: dict, where: Path) -> None:
         hint = ""
         if stored.get("forward") == "lean-onednn" and str(loaded.get("forward", "")).startswith("lean-"):
             hint = " (THINKLAB_NATIVE=0 runs the lean-onednn forward on any CPU)"
+        elif stored.get("forward") == "lean-onednn-native-attention" and loaded.get("forward") == (
+                "lean-onednn-native-attention-sampling"):
+            hint = (" (THINKLAB_NATIVE_SAMPLING=0 chooses tokens with torch operations, as this run began: "
+                    "the AVX2 token-choice kernel came later)")
         raise RunMismatch(f"{where} was generated under a different setup than the backend loaded now ("
                           f"{'; '.join(diffs)}); resume it where those match{hint}, or remove it to regenerate "
                           "it whole")

@@ -5,7 +5,8 @@ chosen and traced from them, and how a set of calls is batched:
 
   - `LeanForward`: CPU float32 llama/qwen2 checkpoints through `lean.LeanDecoder` (thinklab's
     own decode loop, with the native kernels of `native/` where the CPU has AVX-512F, else
-    oneDNN and SDPA), served by the row scheduler (`scheduler.RowScheduler`): each sample in
+    oneDNN GEMMs with the AVX2 variants of the native decode attention and token choice, or
+    oneDNN, SDPA and torch operations), served by the row scheduler (`scheduler.RowScheduler`): each sample in
     its own cache slot, refilled as rows finish.
   - `TransformersForward`: transformers' own modules (any architecture, GPUs, MoE routing
     hooks, quantization kernels), float32 CPU linears prepacked for oneDNN where they can be;
@@ -54,8 +55,10 @@ class LeanForward(Forward):
     def __init__(self, decoder: lean.LeanDecoder):
         self.decoder = decoder
         if decoder.native is None:
-            # oneDNN GEMMs; decode attention native (AVX2 variant) or torch's
-            self.name = "lean-onednn-native-attention" if decoder.native_attention else "lean-onednn"
+            # oneDNN GEMMs; decode attention and token choice native (their AVX2 variants) or torch's
+            native = [part for part, on in (("attention", decoder.native_attention),
+                                            ("sampling", decoder.sampler is not None)) if on]
+            self.name = "lean-onednn" + ("-native-" + "-".join(native) if native else "")
         else:
             self.name = "lean-native" if decoder.native_attention else "lean-native-sdpa"
 
@@ -63,7 +66,7 @@ class LeanForward(Forward):
         return self.decoder.describe()
 
     def choose(self, logits, sampling, u):
-        return choose_tokens(logits, sampling, u, self.decoder.native)
+        return choose_tokens(logits, sampling, u, self.decoder.sampler)
 
     def new_decoder(self, batch, capacity):
         return self.decoder.new_cache(batch, capacity), self.decoder.forward

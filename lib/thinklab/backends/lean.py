@@ -101,18 +101,28 @@ def _extension():
 def native_ops():
     """All the native kernels (GEMMs, token choice, decode attention), or None where they
     cannot all run: besides `_extension`'s reasons, a CPU without AVX-512F. Then the lean
-    forward uses oneDNN and F.rms_norm and sampling runs as torch operations (and a warning
-    says why); its decode attention may still be native (`attention_ops`)."""
+    forward uses oneDNN and F.rms_norm (and a warning says why); its decode attention and
+    token choice may still be native, in their AVX2 variants (`attention_ops`, `sampling_ops`)."""
     ext = _extension()
     if ext is not None and not ext.cpu_supported():
         global _warned_gemm
         if not _warned_gemm:
-            warnings.warn("thinklab: the native GEMM and sampling kernels need AVX-512F, which this CPU lacks "
+            warnings.warn("thinklab: the native GEMM kernels need AVX-512F, which this CPU lacks "
                           f"(torch reports {torch.backends.cpu.get_cpu_capability()}); using oneDNN for those, "
-                          "the native decode attention (AVX2) for attention", stacklevel=2)
+                          "and the AVX2 variants of the native decode attention and token choice", stacklevel=2)
             _warned_gemm = True
         return None
     return ext
+
+
+def sampling_ops():
+    """The native token choice (native/sampling.cpp: AVX-512F, or its AVX2 variant), or None
+    (then torch operations; also with THINKLAB_NATIVE_SAMPLING=0, which resumes a run begun
+    on an AVX2 host before the kernel had its AVX2 variant); see `_extension`."""
+    if os.environ.get("THINKLAB_NATIVE_SAMPLING", "1") == "0":
+        return None
+    ext = _extension()
+    return ext if ext is not None and ext.sampling_supported() else None
 
 
 def attention_ops():
@@ -405,6 +415,8 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
         self.native = gemm = native_ops() if native else None
+        # the token choice: with the other native kernels (AVX-512F), or alone in its AVX2 variant
+        self.sampler = gemm if gemm is not None else (sampling_ops() if native else None)
         # the native attention kernel works in 16-feature vectors of each head; on AVX2 CPUs
         # it runs without the other native kernels
         self.attention = attention_ops() if native and self.head_dim % 16 == 0 else None
@@ -431,7 +443,8 @@ class LeanDecoder:
         """Which kernels run this forward, as recorded in a run's backend info."""
         gemm = "native packed GEMMs" if self.native is not None else "oneDNN prepacked GEMMs"
         attention = "native decode attention" if self.native_attention else "SDPA"
-        return f"lean (thinklab.backends.lean, {gemm}, {attention})"
+        choice = "native token choice" if self.sampler is not None else "torch token choice"
+        return f"lean (thinklab.backends.lean, {gemm}, {attention}, {choice})"
 
     def _interleave_qk(self, w: torch.Tensor) -> torch.Tensor:
         """Reorder each query and key head's output features from (first half, second half)

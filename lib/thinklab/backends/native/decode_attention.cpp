@@ -303,6 +303,7 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::op
                             c10::optional<torch::Tensor> residual, bool swiglu, double rms_eps);
 
 // sampling.cpp
+bool sampling_supported();
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::Tensor x,
                                                                          c10::optional<torch::Tensor> u,
                                                                          int64_t block);
@@ -316,6 +317,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supported", &cpu_supported, "whether this CPU runs all of these kernels (AVX-512F)");
   m.def("attention_supported", &attention_supported,
         "whether this CPU runs decode_attention (AVX-512F, or AVX2 and FMA)");
+  m.def("sampling_supported", &sampling_supported,
+        "whether this CPU runs trace_and_sample (AVX-512F, or AVX2 and FMA)");
   m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
   m.def("packed_linear", &packed_linear,
         "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels, optionally RMS-normalizing x first",

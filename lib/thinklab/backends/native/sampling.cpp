@@ -9,6 +9,11 @@
 // Same rule as hf.sample_inverse_cdf: the token is the first whose cumulative mass
 // exceeds u times the total, masses are summed in float64 (per block of `block` tokens,
 // then across blocks), and a token of zero probability is never drawn.
+//
+// It runs on AVX-512F, or on AVX2 with FMA: one row body (trace_row_body), compiled into
+// each ISA's function, the float64 block sums written with each ISA's intrinsics. The two
+// round alike up to the order of those sums (8 or 4 float64 lanes), so a run records which
+// one it ran on (its forward's name).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -39,8 +44,25 @@ __attribute__((target("avx512f"))) double sum_as_double(const float* e, int64_t 
   return s;
 }
 
-__attribute__((target("avx512f"))) RowResult trace_row(const float* x, int64_t V, const double* u, int64_t block,
-                                                       double* block_mass, float* e) {
+__attribute__((target("avx2,fma"))) double sum_as_double_avx2(const float* e, int64_t n) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm_loadu_ps(e + j)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm_loadu_ps(e + j + 4)));
+  }
+  const __m256d s2 = _mm256_add_pd(s0, s1);
+  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s2), _mm256_extractf128_pd(s2, 1));
+  double s = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  for (; j < n; ++j) s += e[j];
+  return s;
+}
+
+// The row's work, inlined into each ISA's trace_row below so that its loops vectorize for
+// that ISA; Sum adds a block's masses in float64.
+template <double (*Sum)(const float*, int64_t)>
+static inline __attribute__((always_inline)) RowResult trace_row_body(const float* x, int64_t V, const double* u,
+                                                                     int64_t block, double* block_mass, float* e) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) m = std::max(m, x[j]);
@@ -58,7 +80,7 @@ __attribute__((target("avx512f"))) RowResult trace_row(const float* x, int64_t V
       e[j] = exp_nonpositive(d);
       a += e[j] > 0.f ? e[j] * d : 0.f;
     }
-    block_mass[k] = sum_as_double(e, n);
+    block_mass[k] = Sum(e, n);
     S += block_mass[k];
     A += a;
   }
@@ -91,14 +113,29 @@ __attribute__((target("avx512f"))) RowResult trace_row(const float* x, int64_t V
   return r;
 }
 
+__attribute__((target("avx512f"))) RowResult trace_row(const float* x, int64_t V, const double* u, int64_t block,
+                                                       double* block_mass, float* e) {
+  return trace_row_body<sum_as_double>(x, V, u, block, block_mass, e);
+}
+
+__attribute__((target("avx2,fma"))) RowResult trace_row_avx2(const float* x, int64_t V, const double* u,
+                                                             int64_t block, double* block_mass, float* e) {
+  return trace_row_body<sum_as_double_avx2>(x, V, u, block, block_mass, e);
+}
+
 }  // namespace
+
+bool sampling_supported() {
+  return __builtin_cpu_supports("avx512f") || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+}
 
 // x: (b, V) float32 processed logits; u: (b,) float64 uniforms in [0, 1), or None for
 // argmax. Returns (token int64 (b,), log-probability float32 (b,), entropy float32 (b,)).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::Tensor x,
                                                                          c10::optional<torch::Tensor> u,
                                                                          int64_t block) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "trace_and_sample needs AVX-512F");
+  TORCH_CHECK(sampling_supported(), "trace_and_sample needs AVX-512F, or AVX2 and FMA");
+  const bool avx512 = __builtin_cpu_supports("avx512f");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "trace_and_sample: x must be (b, V) float32");
   TORCH_CHECK(block > 0, "trace_and_sample: block must be positive, got ", block);
   auto xc = x.contiguous();
@@ -120,7 +157,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> trace_and_sample(torch::
     std::vector<double> mass((V + block - 1) / block);
     std::vector<float> scratch(block);
     for (int64_t i = lo; i < hi; ++i) {
-      const RowResult r = trace_row(xp + i * V, V, up ? up + i : nullptr, block, mass.data(), scratch.data());
+      const RowResult r = avx512 ? trace_row(xp + i * V, V, up ? up + i : nullptr, block, mass.data(), scratch.data())
+                                 : trace_row_avx2(xp + i * V, V, up ? up + i : nullptr, block, mass.data(),
+                                                  scratch.data());
       tp[i] = r.token;
       lp[i] = r.logprob;
       ep[i] = r.entropy;
