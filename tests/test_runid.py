@@ -146,6 +146,10 @@ def test_resume_check_names_each_difference(tmp_path):
     assert "fingerprint: stored 'aaaa', loaded now 'bbbb'" in msg
     assert "forward: stored 'lean-native', loaded now 'transformers'" in msg
     assert "dtype" not in msg and str(tmp_path) in msg
+    # a run begun on an AVX2 host before the AVX2 token choice: the error says how to resume it
+    begun = dict(stored, forward="lean-onednn-native-attention")
+    with pytest.raises(runner.RunMismatch, match="THINKLAB_NATIVE_SAMPLING=0"):
+        runner.check_resume(begun, dict(stored, forward="lean-onednn-native-attention-sampling"), tmp_path)
 
 
 # --------------------------------------------------------------------------- bad input through the CLI
