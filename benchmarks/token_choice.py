@@ -25,10 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from thinklab import prompts, tasks  # noqa: E402
-from thinklab.backends.base import Request  # noqa: E402
+from study_throughput import steady_state  # noqa: E402  (this directory: the same steady-state decode)
+
 from thinklab.backends.sampling import choose_tokens, sampling_logits  # noqa: E402
-from thinklab.config import ModelSpec, PromptSpec, SamplingSpec  # noqa: E402
+from thinklab.config import ModelSpec, RunSpec, SamplingSpec  # noqa: E402
 
 
 def per_step_ms(fn, repeats: int = 10) -> float:
@@ -38,22 +38,6 @@ def per_step_ms(fn, repeats: int = 10) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - t0) / repeats * 1e3
-
-
-def decode_rate(backend, rows: int, tokens: int) -> float:
-    tok = backend.tokenizer
-    problems = tasks.load_task("gsm8k", rows, 0)
-    ids = [tok(prompts.build_prompt(tok, p, PromptSpec()), add_special_tokens=False)["input_ids"] for p in problems]
-    sampling = SamplingSpec(temperature=0.7)
-    reqs = [Request(list(ids[i]), i, sampling, tokens, order=i) for i in range(rows)]
-    saved_eos, saved_rows = backend.eos_ids, backend.max_batch_size
-    backend.eos_ids, backend.max_batch_size = {-1}, rows
-    try:
-        backend.serve(reqs)
-    finally:
-        backend.eos_ids, backend.max_batch_size = saved_eos, saved_rows
-    st = backend.last_serve_stats
-    return (st["sampled_tokens"] - rows) / st["decode_seconds"]
 
 
 def main() -> None:
@@ -89,9 +73,11 @@ def main() -> None:
                for k, o in (("torch", None), ("native", ops))}
         hf.generate([[1, 2, 3]], [0], SamplingSpec(temperature=0), 2, progress=False)  # warm-up
         rates = {}
+        workload = RunSpec(model=ModelSpec(name=name), task="gsm8k", n_problems=args.rows,
+                           sampling=SamplingSpec(temperature=0.7, n=1))
         for label, sampler in (("native", ops), ("torch", None)):
             decoder.sampler = sampler
-            rates[label] = decode_rate(hf, args.rows, args.tokens)
+            rates[label] = steady_state(hf, workload, args.rows, args.tokens)["rate"]
         decoder.sampler = ops
         print(f"{name} (V={V}): token choice {torch_ms:.1f} ms torch, {native_ms:.1f} ms native per step "
               f"({torch_ms / native_ms:.1f}x); entropy error vs float64: torch {err['torch']:.1e}, native "
