@@ -412,7 +412,7 @@ def _stat_c_correlation(stats: pl.DataFrame, n_boot: int, seed: int) -> Statisti
     per_problem = ranked.group_by("problem_id").agg(
         pl.col("x").sum(), pl.col("y").sum(), xx=(pl.col("x") ** 2).sum(), yy=(pl.col("y") ** 2).sum(),
         xy=(pl.col("x") * pl.col("y")).sum(), count=pl.len(),
-    )
+    ).sort("problem_id")  # group_by's order varies from call to call, and the replicates index these rows
     sums = per_problem.select("x", "y", "xx", "yy", "xy", "count").to_numpy().astype(np.float64)
 
     def correlation(means: np.ndarray) -> np.ndarray:
@@ -554,7 +554,7 @@ def _level_gap(base: pl.DataFrame, quant: pl.DataFrame, n_boot: int, seed: int) 
     per_problem = pairs.group_by("problem_id").agg(
         sum_hard=d.filter(pl.col("level") == hard).sum(), n_hard=(pl.col("level") == hard).sum(),
         sum_easy=d.filter(pl.col("level") == easy).sum(), n_easy=(pl.col("level") == easy).sum(),
-    )
+    ).sort("problem_id")  # a fixed row order: the replicates index these rows
     matrix = per_problem.select("sum_hard", "n_hard", "sum_easy", "n_easy").to_numpy().astype(np.float64)
 
     def gap(means: np.ndarray) -> np.ndarray:
