@@ -45,7 +45,7 @@ from thinklab import models, paths, rows
 from thinklab.background import Background
 from thinklab.backends import Backend, load_backend
 from thinklab.config import ModelSpec, RunSpec
-from thinklab.generation import trace_requests
+from thinklab.generation import Trace, trace_requests
 from thinklab.progress import StudyProgress
 from thinklab.store import RunStore, now_iso
 
@@ -353,6 +353,10 @@ def _generate_runs(runs: list[_Run], backend: Backend, progress: bool, order: st
             r.store.update_meta(scheduler={**stats, "runs_served_together": len(runs)})
 
 
+DONATED = ("problem_id", "sample_idx", "prompt", "gold", "token_ids", "token_entropy", "token_logprob",
+           "finish_reason", "n_thinking_tokens", "wait_extensions")  # what a taken sample's trace is rebuilt from
+
+
 def _sibling_key(spec: dict) -> str:
     """A stored spec without what only says how many samples a run has (its problem count,
     its samples per problem): runs with equal keys draw sample s of a problem alike."""
@@ -397,10 +401,6 @@ def donor_rows(spec: RunSpec, rid: str, root: Path, loaded: dict, problems: list
     return found
 
 
-DONATED = ("problem_id", "sample_idx", "prompt", "gold", "token_ids", "token_entropy", "token_logprob",
-           "finish_reason", "n_thinking_tokens", "wait_extensions")
-
-
 def serving_meta(spec: RunSpec, backend: Backend) -> dict:
     """What run.json records about the backend that serves `spec` (its `resolved` identity,
     versions, phase markers, host)."""
@@ -436,27 +436,25 @@ def serve_chunks(runs: list[_Run], backend: Backend, progress: bool, on_run_done
     Samples in `r.donors` (see `donor_rows`) are taken, not generated; `r.reused` says how
     many per chunk. `order`: see `run_many`. Returns when every finished chunk is on disk:
     whether the backend was asked for any sample."""
-    from thinklab.generation import Trace
-
     tok = backend.tokenizer
     writer = Background("thinklab-parts")
     markers = {tag: rows.phase_markers(r.spec, tok) for tag, r in enumerate(runs)}
     work = [(tag, r, k) for tag, r in enumerate(runs) for k in r.todo]
     if order == "problems":  # by the position of a chunk's first problem, then by run
         work.sort(key=lambda w: (_first_problem(w[1].chunks, w[2]), w[0]))
-    chunks, taken = {}, {}
+    chunks = {}
     for tag, r, k in work:
         chunk = chunks[tag, k] = rows.Chunk.build(r.spec, r.rid, tok, markers[tag], r.chunks[k])
-        taken[tag, k] = []
+        taken = Counter()
         for i, (pi, s) in enumerate(chunk.flat):
             p = chunk.problems[pi]
             donor, row = r.donors.get((p.problem_id, s), (None, None))
             if row is not None and row["prompt"] == chunk.prompt_texts[pi] and row["gold"] == p.gold:
                 chunk.traces[i] = Trace(list(row["token_ids"]), list(row["token_entropy"]), list(row["token_logprob"]),
                                         row["finish_reason"], row["n_thinking_tokens"], row["wait_extensions"] or 0)
-                taken[tag, k].append(donor)
-        r.reused[k] = dict(Counter(taken[tag, k]))
-    bars = StudyProgress({tag: (f"run {r.rid}", sum(len(chunks[tag, k].flat) - len(taken[tag, k]) for k in r.todo),
+                taken[donor] += 1
+        r.reused[k] = dict(taken)
+    bars = StudyProgress({tag: (f"run {r.rid}", sum(chunks[tag, k].traces.count(None) for k in r.todo),
                                 r.spec.sampling.max_tokens) for tag, r in enumerate(runs)}, enabled=progress)
 
     def on_tokens(tag, n: int) -> None:
