@@ -346,3 +346,77 @@ def test_blocked_cache_writes_a_prefill_as_position_by_position(n0, T):
         b.write(1, n0 + t, k[:, :, t : t + 1], v[:, :, t : t + 1])
     assert torch.equal(a.k[1], b.k[1]) and torch.equal(a.v[1], b.v[1])
     assert torch.equal(a.keys(1, n0 + T)[:, :, n0:], k)
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return "avx512f" in flags and "avx512_bf16" in flags
+
+
+def _round_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("path", ["native", "onednn"])
+@pytest.mark.parametrize("M,K,N", [(1, 96, 50), (5, 97, 100), (9, 64, 144), (17, 33, 48)])
+def test_bf16_projections_compute_products_of_rounded_values(path, M, K, N):
+    """A bf16 projection is x W^T with x's rows and W (the norm's weight folded in) rounded
+    to bfloat16 and the products summed in float32: natively (VDPBF16PS) and on the oneDNN
+    path alike, odd K and partial tiles and panels included."""
+    from thinklab.backends.lean import Projection, RMSNorm, SwiGLU, native_ops
+
+    if path == "native":
+        native = _native_or_skip()
+        if not native.bf16_supported():
+            assert not _cpu_has_avx512_bf16(), "AVX512_BF16 is here but the bf16 GEMM is not used"
+            pytest.skip("the native bf16 GEMM needs AVX512_BF16, which this CPU lacks")
+    else:
+        native = None
+    g = torch.Generator().manual_seed(M * K + N)
+    x, res = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    w, b = torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g)
+    gamma = 1 + 0.3 * torch.randn(K, generator=g)
+    rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    rx = _round_bf16(x)
+    tol = 1e-5 * K**0.5
+
+    plain = Projection(w, b, native, 16, bf16=True)
+    torch.testing.assert_close(plain(x, res), rx @ _round_bf16(w).T + b + res, atol=tol, rtol=1e-5)
+    normed = Projection(w, None, native, 16, RMSNorm(gamma, 1e-6), bf16=True)
+    torch.testing.assert_close(normed(x), (rx @ _round_bf16(w * gamma).T) * rms, atol=tol, rtol=1e-5)
+    # the rounding is real: the fp32 product differs by far more than the tolerance
+    assert (plain(x, res) - (x @ w.T + b + res)).abs().max() > 50 * tol
+
+    gate, up = torch.nn.Linear(K, N, bias=False), torch.nn.Linear(K, N, bias=False)
+    gate.weight.data, up.weight.data = w, torch.randn(N, K, generator=g) / K**0.5
+    swiglu = SwiGLU(gate, up, native, 16, RMSNorm(gamma, 1e-6), bf16=True)
+    want = (torch.nn.functional.silu(rx @ _round_bf16(gate.weight * gamma).T * rms)
+            * (rx @ _round_bf16(up.weight * gamma).T * rms))
+    torch.testing.assert_close(swiglu(x), want, atol=tol, rtol=1e-5)
+
+
+def test_lean_bf16_native_and_onednn_paths_agree_on_a_qwen2():
+    """The whole forward in bf16 (a Qwen2 with biases and GQA): the native path and the
+    oneDNN path compute the same model to float32 rounding, and that model is not the
+    float32 one (the weights and GEMM inputs were rounded)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    native = _native_or_skip()
+    if not native.bf16_supported():
+        pytest.skip("the native bf16 GEMM needs AVX512_BF16, which this CPU lacks")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                      tie_word_embeddings=False, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).eval().to(torch.bfloat16).float()  # bf16 values held in float32
+    ids, att = _padded_batch([5, 11, 1], cfg.vocab_size)
+    pos = (att.cumsum(-1) - 1).clamp_min(0)
+    out = {}
+    for name, kw in {"native": dict(bf16=True), "onednn": dict(bf16=True, native=False),
+                     "fp32": dict()}.items():
+        lean = LeanDecoder(model, **kw)
+        with torch.inference_mode():
+            out[name] = lean.forward(ids, pos, att, lean.new_cache(3, ids.shape[1] + 1))
+    scale = out["fp32"].abs().max().item()
+    assert (out["native"] - out["onednn"]).abs().max().item() < 1e-4 * scale
+    assert (out["native"] - out["fp32"]).abs().max().item() > 1e-3 * scale

@@ -462,3 +462,18 @@ def test_kv_cache_starts_zeroed_and_resizes(blocked):
     assert bigger.capacity == 80 and bigger.length == 19 and bigger.blocked == blocked
     assert torch.equal(bigger.keys(0, 19)[:2], k[[2, 0]]) and torch.equal(bigger.v[0][:2, :, :19], -k[[2, 0]])
     assert torch.count_nonzero(bigger.keys(0, 80)[2:]) == 0 and torch.count_nonzero(bigger.v[0][:, :, 19:]) == 0
+
+
+@pytest.mark.slow
+def test_bf16_sample_does_not_depend_on_neighbours(chat_prompts):
+    """dtype="bfloat16" on the CPU (bf16 GEMMs, natively where the CPU has AVX512_BF16): a
+    sample is still the same bits whatever shares its batch."""
+    from thinklab import models
+    from thinklab.backends.hf import HFBackend
+
+    backend = HFBackend(ModelSpec(name=models.model_name("default"), backend="hf", dtype="bfloat16"))
+    try:
+        assert backend.forward.name.endswith("-bf16") and backend.identity["dtype"] == "bfloat16"
+        _independent_of_neighbours(backend, chat_prompts)
+    finally:
+        backend.close()

@@ -74,6 +74,7 @@ class FindingsPlan:
     moe_tasks: tuple[str, ...] = ("rg:basic_arithmetic",)  # (f): where the dense SmolLM2 is not near zero
     top_k_values: tuple[int, ...] = (4, 8, 12, 16)  # (f), active experts per token; the largest is the reference
     backend: str = "hf"
+    dtype: str = "auto"  # of every run's model: "auto" is float32 on CPUs; "bfloat16" runs the CPU's bf16 GEMMs
     seed: int = 0  # picks the problems and every sample's seed
 
     def __post_init__(self) -> None:
@@ -101,6 +102,10 @@ class FindingsPlan:
                              "give positive numbers of tokens")
         if self.int8_format == self.four_bit_format:
             raise ValueError(f"int8_format and four_bit_format are both {self.int8_format!r}; give two formats")
+        from thinklab.config import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
         if len(set(self.top_k_values)) < 2 or any(k < 1 for k in self.top_k_values):
             raise ValueError(f"top_k_values={self.top_k_values} is not valid; give at least two positive ints")
 
@@ -113,7 +118,7 @@ class FindingsPlan:
               max_tokens: int | None = None) -> RunSpec:
         return RunSpec(
             model=ModelSpec(name=model or self.model, backend=self.backend, quantization=quantization,
-                            moe_top_k=moe_top_k),
+                            moe_top_k=moe_top_k, dtype=self.dtype),
             task=task,
             n_problems=self.n_problems,
             task_seed=self.seed,
@@ -579,6 +584,8 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
     seconds, sittings = sweep_seconds(store.root, [p for r in used for p in r.directory.glob("part-*.parquet")])
     commits = sorted({str(c) for r in used for c in ((r.meta or {}).get("git_commits")
                                                      or [(r.meta or {}).get("git_commit")]) if c})
+    forwards = sorted({str(((r.meta or {}).get("resolved") or {}).get("forward")) for r in used
+                       if ((r.meta or {}).get("resolved") or {}).get("forward")})
     frames = [r.frame for r in used]
     n_samples = sum(f.height for f in frames)
     truncated = (sum(int((f["finish_reason"] == "length").sum()) for f in frames) / n_samples) if n_samples else None
@@ -598,6 +605,11 @@ def render(plan: FindingsPlan, findings: dict[str, F.Finding], store: Store, fig
         f"- **Model**: `{plan.model}` for (a)-(e) and (g); for (f) {_model_description(plan.moe_model)}"
         + (": not a trained MoE and no compute saved; it measures what accuracy costs when each token keeps only "
            "k of the dense model's neuron groups." if plan.moe_model in OFFLINE else "."),
+        f"- **Precision**: dtype `{plan.dtype}`"
+        + (" (float32 on CPUs)" if plan.dtype == "auto" else "")
+        + (" (on CPUs: GEMM weights and inputs rounded to bf16, sums and all else in float32)"
+           if plan.dtype == "bfloat16" else "")
+        + f"; forward {', '.join(f'`{x}`' for x in forwards) or '-'}.",
         f"- **Tasks**: {', '.join(f'`{t}`' for t in plan.tasks)} ({plan.n_problems} problems each); "
         f"(f) on {', '.join(f'`{t}`' for t in plan.moe_tasks)}.",
         f"- **Sampling**: temperature {plan.temperature:g} (grid {', '.join(f'{t:g}' for t in grid)} for (d)), "

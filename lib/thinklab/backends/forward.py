@@ -61,6 +61,8 @@ class LeanForward(Forward):
             self.name = "lean-onednn" + ("-native-" + "-".join(native) if native else "")
         else:
             self.name = "lean-native" if decoder.native_attention else "lean-native-sdpa"
+        if decoder.bf16:
+            self.name += "-bf16"
 
     def describe(self) -> str:
         return self.decoder.describe()
@@ -103,12 +105,19 @@ def select(model: torch.nn.Module, requested: str, device: torch.device, batch_h
            model_name: str, kernel_quantization: bool = False) -> Forward:
     """The forward `requested` ("auto": lean where it can run; "lean": lean or an error
     saying why not; "transformers": transformers' modules as they are). `kernel_quantization`:
-    the weights are a quantization library's kernels, which must not be repacked."""
+    the weights are a quantization library's kernels, which must not be repacked.
+
+    A bfloat16 model on the CPU runs lean with bf16 GEMMs (`LeanDecoder`'s `bf16`): its
+    parameters are converted to float32 (the same values) for the rest of the forward.
+    Where lean cannot run it, it stays bfloat16 in transformers' modules."""
     if requested == "transformers":
         return TransformersForward(model)
-    reason = lean.LeanDecoder.unsupported(model)
+    bf16 = device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16 and not kernel_quantization
+    reason = lean.LeanDecoder.unsupported(model.float() if bf16 else model)
     if reason is None:
-        return LeanForward(lean.LeanDecoder(model, batch_hint=batch_hint))
+        return LeanForward(lean.LeanDecoder(model, batch_hint=batch_hint, bf16=bf16))
+    if bf16:
+        model.to(torch.bfloat16)
     if requested == "lean":
         raise ValueError(f"forward='lean' cannot run {model_name}: {reason}; use forward='auto' or forward='transformers'")
     packed = lean.pack_linears(model, batch_hint=batch_hint) if device.type == "cpu" and not kernel_quantization else 0

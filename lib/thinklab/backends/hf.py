@@ -79,7 +79,8 @@ def pick_device() -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        # bf16 is far slower than fp32 without native support (AVX2 CPUs), so CPUs get fp32.
+        # CPUs get fp32: bf16 changes the numbers, and without AVX512_BF16 it is no faster.
+        # dtype="bfloat16" on a CPU is the option (the lean forward's bf16 GEMMs, README).
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
 
@@ -113,7 +114,9 @@ class HFBackend(Backend):
             from thinklab.models import quantization
 
             self.model, self.quantization_report = quantization.apply(self.model, spec.quantization, self.device)
-        self.kv_bytes_per_position = kv_bytes_per_position(self.model.config, self.dtype)
+        # a bf16 model on the CPU runs the lean forward, whose KV cache is float32 (forward.select)
+        kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.kv_bytes_per_position = kv_bytes_per_position(self.model.config, kv_dtype)
         if max_batch_size is None:
             self.max_batch_size, self.batch_size_rule = auto_batch_size(self.kv_bytes_per_position, self.device)
         else:

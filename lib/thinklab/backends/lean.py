@@ -207,6 +207,11 @@ class RMSNorm:
     eps: float
 
 
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest bfloat16 (ties to even), kept in float32."""
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
 class Projection:
     """One linear layer's weight (or several stacked: q, k, v), packed once for the GEMM that
     runs it: the native kernel (native/gemm.cpp) where the native kernels are available
@@ -215,22 +220,35 @@ class Projection:
     residual inside the GEMM's write-out.
 
     The native GEMM folds the norm's weight into the packed weight and applies each row's
-    1 / rms in its write-out, so the normalized activations are never written."""
+    1 / rms in its write-out, so the normalized activations are never written.
+
+    `bf16`: the weight (the norm's weight folded in) and each input row are rounded to
+    bfloat16 and the products summed in float32: natively by VDPBF16PS (AVX512_BF16), on
+    the oneDNN path by fp32 GEMMs on the rounded values, 1 / rms applied to the rounded row."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native, batch_hint: int,
-                 norm: RMSNorm | None = None):
+                 norm: RMSNorm | None = None, bf16: bool = False):
         self.n = weight.shape[0]
-        self.native, self.norm = native, norm
+        self.native, self.norm, self.bf16 = native, norm, bf16
         self.rms_eps = -1.0 if norm is None else norm.eps  # the native GEMM's flag: negative, no norm
+        folded = weight.detach() if norm is None else weight.detach() * norm.weight.detach()
         if native is not None:
-            w = weight.detach() if norm is None else weight.detach() * norm.weight.detach()
-            self.w = native.pack_weight(w.contiguous())
+            self.w = (native.pack_weight_bf16 if bf16 else native.pack_weight)(folded.contiguous())
             self.bias = None if bias is None else _panel_bias(bias, self.w.shape[0])
+        elif bf16:
+            self.w, self.bias = _pack(round_bf16(folded), batch_hint), bias
         else:
             self.w, self.bias = _pack(weight, batch_hint), bias
 
+    def bias_zeros(self) -> torch.Tensor:
+        """A zero bias in the packed columns' layout (native path)."""
+        return torch.zeros(self.w.shape[0] * _PANEL, dtype=torch.float32, device=self.w.device)
+
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         """The GEMM's input on the oneDNN path."""
+        if self.bf16:
+            h = round_bf16(x)
+            return h if self.norm is None else h * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm.eps)
         return x if self.norm is None else F.rms_norm(x, (x.shape[-1],), self.norm.weight, self.norm.eps)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -247,17 +265,16 @@ class SwiGLU(Projection):
     oneDNN GEMMs with SiLU and the product as post-ops."""
 
     def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, native, batch_hint: int,
-                 norm: RMSNorm | None = None):
-        self.native, self.norm = native, norm
+                 norm: RMSNorm | None = None, bf16: bool = False):
+        self.native, self.norm, self.bf16 = native, norm, bf16
         self.rms_eps = -1.0 if norm is None else norm.eps
-        self.gate, self.up = (Projection(m.weight, _bias(m), native, batch_hint, norm) for m in (gate, up))
+        self.gate, self.up = (Projection(m.weight, _bias(m), native, batch_hint, norm, bf16) for m in (gate, up))
         if native is not None:  # panels gate 0, up 0, gate 1, up 1, ...
             self.n = self.gate.n
             self.w = torch.stack([self.gate.w, self.up.w], 1).flatten(0, 1).contiguous()
             self.bias = None
             if self.gate.bias is not None or self.up.bias is not None:
-                b = [p.bias if p.bias is not None else p.w.new_zeros(p.w.shape[0] * _PANEL)
-                     for p in (self.gate, self.up)]
+                b = [p.bias if p.bias is not None else p.bias_zeros() for p in (self.gate, self.up)]
                 self.bias = torch.stack([t.view(-1, _PANEL) for t in b], 1).flatten().contiguous()
             del self.gate, self.up  # their panels now live in self.w
 
@@ -399,10 +416,15 @@ class LeanDecoder:
             return "partial rotary embeddings"
         return None
 
-    def __init__(self, model, batch_hint: int = 16, native: bool = True):
+    def __init__(self, model, batch_hint: int = 16, native: bool = True, bf16: bool = False):
+        """`bf16`: the GEMMs take bfloat16 weights and inputs and sum in float32 (see
+        `Projection`); everything else (embeddings, residual stream, norms' statistics,
+        attention, the KV cache, the token choice) stays float32. The model's parameters
+        must be float32 (holding bf16 values, when loaded as bf16 and converted)."""
         reason = self.unsupported(model)
         if reason:
             raise ValueError(f"lean forward cannot run this model: {reason}")
+        self.bf16 = bf16
         cfg = model.config
         inner = model.model
         self.device = next(model.parameters()).device
@@ -415,6 +437,10 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
         self.native = gemm = native_ops() if native else None
+        if bf16 and gemm is not None and not gemm.bf16_supported():
+            warnings.warn("thinklab: this CPU lacks AVX512_BF16, so bfloat16 GEMMs run as oneDNN float32 GEMMs on "
+                          "bf16-rounded values: bf16's numbers, no faster than float32", stacklevel=2)
+            self.native = gemm = None
         # the token choice: with the other native kernels (AVX-512F), or alone in its AVX2 variant
         self.sampler = gemm if gemm is not None else (sampling_ops() if native else None)
         # the native attention kernel works in 16-feature vectors of each head; on AVX2 CPUs
@@ -422,7 +448,7 @@ class LeanDecoder:
         self.attention = attention_ops() if native and self.head_dim % 16 == 0 else None
         self.native_attention = self.attention is not None
         self.lm_head = Projection(model.lm_head.weight, _bias(model.lm_head), gemm, batch_hint,
-                                  RMSNorm(inner.norm.weight, self.eps))
+                                  RMSNorm(inner.norm.weight, self.eps), bf16)
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
@@ -431,17 +457,19 @@ class LeanDecoder:
             self.layers.append(_Layer(
                 qkv=Projection(self._interleave_qk(torch.cat([x.weight for x in qkv])),
                                None if qkv_bias is None else self._interleave_qk(qkv_bias), gemm, batch_hint,
-                               RMSNorm(layer.input_layernorm.weight, self.eps)),
-                o=Projection(a.o_proj.weight, _bias(a.o_proj), gemm, batch_hint),
+                               RMSNorm(layer.input_layernorm.weight, self.eps), bf16),
+                o=Projection(a.o_proj.weight, _bias(a.o_proj), gemm, batch_hint, bf16=bf16),
                 mlp=SwiGLU(m.gate_proj, m.up_proj, gemm, batch_hint,
-                           RMSNorm(layer.post_attention_layernorm.weight, self.eps)),
-                down=Projection(m.down_proj.weight, _bias(m.down_proj), gemm, batch_hint),
+                           RMSNorm(layer.post_attention_layernorm.weight, self.eps), bf16),
+                down=Projection(m.down_proj.weight, _bias(m.down_proj), gemm, batch_hint, bf16=bf16),
                 router=getattr(m, "gate", None),  # set_moe_top_k changes its top_k in place
             ))
 
     def describe(self) -> str:
         """Which kernels run this forward, as recorded in a run's backend info."""
         gemm = "native packed GEMMs" if self.native is not None else "oneDNN prepacked GEMMs"
+        if self.bf16:
+            gemm += " on bfloat16 weights and inputs (float32 sums)"
         attention = "native decode attention" if self.native_attention else "SDPA"
         choice = "native token choice" if self.sampler is not None else "torch token choice"
         return f"lean (thinklab.backends.lean, {gemm}, {attention}, {choice})"

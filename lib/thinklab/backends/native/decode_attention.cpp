@@ -298,7 +298,9 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
 
 // gemm.cpp
 bool cpu_supported();
+bool bf16_supported();
 torch::Tensor pack_weight(torch::Tensor w);
+torch::Tensor pack_weight_bf16(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, int64_t n, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, bool swiglu, double rms_eps);
 
@@ -319,7 +321,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU runs decode_attention (AVX-512F, or AVX2 and FMA)");
   m.def("sampling_supported", &sampling_supported,
         "whether this CPU runs trace_and_sample (AVX-512F, or AVX2 and FMA)");
+  m.def("bf16_supported", &bf16_supported, "whether this CPU runs packed_linear on bf16 weights (AVX512_BF16)");
   m.def("pack_weight", &pack_weight, "(N, K) weight -> packed panels for packed_linear (see gemm.cpp)");
+  m.def("pack_weight_bf16", &pack_weight_bf16,
+        "(N, K) float32 weight -> bf16 packed panels for packed_linear (see gemm.cpp)");
   m.def("packed_linear", &packed_linear,
         "x W^T (+ bias) (+ residual), or SwiGLU, against packed panels, optionally RMS-normalizing x first",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
