@@ -20,7 +20,8 @@ study gets) and thinklab / vLLM end to end. The machine is shared: run it under
 `flock /tmp/thinklab-heavy.lock`, and read single runs as noisy.
 
     python benchmarks/study_throughput.py [--models smollm2-135m qwen2.5-0.5b] [--problems 16]
-        [--samples 4] [--max-tokens 512] [--batch-size N] [--no-vllm] [--vllm-compile]
+        [--samples 4] [--max-tokens 512] [--batch-size N] [--dtype auto|float32|bfloat16] [--no-vllm]
+        [--vllm-compile]
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--batch-size", type=int, default=None, help="rows at once (default: the backend's own choice)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="of both backends (auto: float32 on CPUs; bfloat16: thinklab's bf16 GEMMs, vLLM's bf16)")
     ap.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM comparison")
     ap.add_argument("--vllm-compile", action="store_true",
                     help="let vLLM compile its graphs (enforce_eager=False: slower start, faster decode)")
@@ -112,10 +115,10 @@ def main() -> None:
 
     print(f"# {platform.node()}: {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}; GSM8K "
           f"{args.problems} problems x {args.samples} samples, max_tokens {args.max_tokens}, "
-          f"T={args.temperature}")
+          f"T={args.temperature}, dtype {args.dtype}")
     results = []
     for name in args.models:
-        spec = RunSpec(model=ModelSpec(name=name), task="gsm8k", n_problems=args.problems,
+        spec = RunSpec(model=ModelSpec(name=name, dtype=args.dtype), task="gsm8k", n_problems=args.problems,
                        sampling=SamplingSpec(temperature=args.temperature, n=args.samples, max_tokens=args.max_tokens))
         t0 = time.perf_counter()
         hf = HFBackend(spec.model, max_batch_size=args.batch_size)
