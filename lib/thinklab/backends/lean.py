@@ -22,7 +22,11 @@ larger operations:
     kernel (native/decode_attention.cpp); without the native kernels (no compiler, no
     AVX-512, THINKLAB_NATIVE=0) the same steps run as torch operations and SDPA;
   - `decode_rows` decodes rows that each hold their own number of positions (the row
-    scheduler's, scheduler.py), each row's arithmetic reading only its own positions.
+    scheduler's, scheduler.py), each row's arithmetic reading only its own positions;
+  - with `bf16` (a model loaded as bfloat16 on the CPU, forward.select) every GEMM takes
+    bf16 weights and inputs and sums in float32 (native/gemm.cpp's VDPBF16PS kernel where
+    the CPU has AVX512_BF16, oneDNN float32 GEMMs on the rounded values elsewhere), the
+    rest of the forward staying float32.
 
 It reads the weights of a loaded transformers model and keeps its own packed copies
 (memory: about the size of the linear weights), and it uses the model's own rotary
