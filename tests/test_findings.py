@@ -329,6 +329,9 @@ def test_sweep_wall_time_counts_each_sitting_to_its_last_part(tmp_path):
         parts.append(path)
     (tmp_path / SITTINGS).write_text("".join(json.dumps({"started": t}) + "\n" for t in (900, 4900)))
     assert sweep_seconds(tmp_path, parts) == (pytest.approx(500 + 450), 2)
+    # a sitting of another plan's sweep (it wrote none of these parts) counts neither time nor sitting
+    (tmp_path / SITTINGS).write_text("".join(json.dumps({"started": t}) + "\n" for t in (100, 900, 4900)))
+    assert sweep_seconds(tmp_path, parts) == (pytest.approx(500 + 450), 2)
     assert sweep_seconds(tmp_path / "none", parts) == (0.0, 0)
 
 

@@ -283,19 +283,22 @@ def _log_sitting(root: Path) -> None:
 
 def sweep_seconds(root: Path, parts: list[Path]) -> tuple[float, int]:
     """(seconds, sittings): the sweep's generation wall time from its sittings' starts and its
-    parts' write times. Time a sitting spent paused counts."""
+    parts' write times. Time a sitting spent paused counts; a sitting that wrote none of
+    these parts (another plan's sweep in the same store) is not counted."""
     try:
         starts = sorted(json.loads(line)["started"] for line in (root / SITTINGS).read_text().splitlines()
                         if line.strip())
     except (OSError, ValueError, KeyError):
         return 0.0, 0
     written = sorted(p.stat().st_mtime for p in parts if p.is_file())
-    total = 0.0
+    total, counted = 0.0, 0
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else math.inf
         inside = [t for t in written if start <= t < end]
-        total += (inside[-1] - start) if inside else 0.0
-    return total, len(starts)
+        if inside:
+            total += inside[-1] - start
+            counted += 1
+    return total, counted
 
 
 # --------------------------------------------------------------------------- reading the store
