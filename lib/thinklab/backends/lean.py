@@ -235,14 +235,15 @@ class Projection:
         self.n = weight.shape[0]
         self.native, self.norm, self.bf16 = native, norm, bf16
         self.rms_eps = -1.0 if norm is None else norm.eps  # the native GEMM's flag: negative, no norm
+        if native is None and not bf16:  # oneDNN applies the norm to x, unfolded
+            self.w, self.bias = _pack(weight, batch_hint), bias
+            return
         folded = weight.detach() if norm is None else weight.detach() * norm.weight.detach()
         if native is not None:
             self.w = (native.pack_weight_bf16 if bf16 else native.pack_weight)(folded.contiguous())
             self.bias = None if bias is None else _panel_bias(bias, self.w.shape[0])
-        elif bf16:
-            self.w, self.bias = _pack(round_bf16(folded), batch_hint), bias
         else:
-            self.w, self.bias = _pack(weight, batch_hint), bias
+            self.w, self.bias = _pack(round_bf16(folded), batch_hint), bias
 
     def bias_zeros(self) -> torch.Tensor:
         """A zero bias in the packed columns' layout (native path)."""
